@@ -1,0 +1,86 @@
+"""Self-attention with swappable processors.
+
+The ``Attention`` module owns the weights (``qkv``, ``proj``, optional QK-norm gains);
+how queries, keys and values are combined is delegated to a *processor*, a callable
+``processor(attn, x, ctx) -> out``. Methods that need to read or change the attention
+math (feature sharing for editing, sparse or grouped attention, caching keys/values)
+install their own processor on chosen layers instead of editing the model, in the
+spirit of diffusers' attention processors.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Protocol
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .layers import RMSNorm
+
+
+class AttentionProcessor(Protocol):
+    """Computes self-attention for ``attn`` on tokens ``x [B, N, D] -> [B, N, D]``."""
+
+    def __call__(self, attn: "Attention", x: torch.Tensor, ctx: Any = None) -> torch.Tensor: ...
+
+
+def qkv_heads(attn: "Attention", x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Project tokens to per-head queries, keys and values, ``3 x [B, H, N, Dh]``.
+
+    One fused matmul for q, k and v; QK-norm (when enabled) is applied per head.
+    """
+    B, N, _ = x.shape
+    qkv = attn.qkv(x).view(B, N, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
+    q, k, v = qkv.unbind(0)
+    if attn.qk_norm:
+        q, k = attn.q_norm(q), attn.k_norm(k)
+    return q, k, v
+
+
+def merge_heads(o: torch.Tensor) -> torch.Tensor:
+    """``[B, H, N, Dh] -> [B, N, H * Dh]``."""
+    B, H, N, Dh = o.shape
+    return o.transpose(1, 2).reshape(B, N, H * Dh)
+
+
+class SDPAProcessor:
+    """Default processor: ``torch.nn.functional.scaled_dot_product_attention``, which picks
+    the flash / memory-efficient / math kernel for the device and dtype."""
+
+    def __call__(self, attn: "Attention", x: torch.Tensor, ctx: Any = None) -> torch.Tensor:
+        q, k, v = qkv_heads(attn, x)
+        o = F.scaled_dot_product_attention(q, k, v)
+        return attn.proj(merge_heads(o))
+
+
+class MathProcessor:
+    """Reference processor: explicit ``softmax(q k^T / sqrt(d)) v`` in float32 (for tests and
+    for methods that must see the attention map)."""
+
+    def __call__(self, attn: "Attention", x: torch.Tensor, ctx: Any = None) -> torch.Tensor:
+        q, k, v = qkv_heads(attn, x)
+        scores = (q.float() @ k.float().transpose(-2, -1)) * attn.head_dim**-0.5
+        o = (scores.softmax(dim=-1) @ v.float()).to(v.dtype)
+        return attn.proj(merge_heads(o))
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention, parameters named as in timm / DiT (``qkv``, ``proj``)."""
+
+    def __init__(self, dim: int, num_heads: int, qk_norm: bool = False):
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"hidden size {dim} is not divisible by num_heads {num_heads}")
+        self.num_heads = num_heads
+        self.head_dim = dim // num_heads
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+        self.qk_norm = qk_norm
+        if qk_norm:
+            self.q_norm = RMSNorm(self.head_dim)
+            self.k_norm = RMSNorm(self.head_dim)
+        self.processor: AttentionProcessor = SDPAProcessor()
+
+    def forward(self, x: torch.Tensor, ctx: Any = None) -> torch.Tensor:
+        return self.processor(self, x, ctx)

@@ -1,0 +1,61 @@
+"""Named model configurations, built by one function.
+
+Paper sizes from DiT (Peebles & Xie 2023, table 1): S, B, L, XL with patch 2, 4 or 8
+(``DiT-XL/2`` etc.), plus small configurations sized for the embedded digits (8x8) and
+MNIST (28x28) and a tiny one for tests. The architecture comes from the name; the input
+shape and the number of classes come from the data and are passed in.
+"""
+
+from __future__ import annotations
+
+from dataclasses import fields, replace
+
+from ..errors import ConfigError
+from .dit import DiT, DiTConfig
+
+_SIZES = {
+    "S": dict(depth=12, hidden_size=384, num_heads=6),
+    "B": dict(depth=12, hidden_size=768, num_heads=12),
+    "L": dict(depth=24, hidden_size=1024, num_heads=16),
+    "XL": dict(depth=28, hidden_size=1152, num_heads=16),
+}
+
+MODEL_CONFIGS: dict[str, dict] = {}
+for _size, _arch in _SIZES.items():
+    for _p in (2, 4, 8):
+        MODEL_CONFIGS[f"DiT-{_size}/{_p}"] = dict(_arch, patch_size=_p)
+
+MODEL_CONFIGS.update(
+    {
+        # 8x8 digits, patch 1: 64 tokens.
+        "DiT-digits": dict(depth=6, hidden_size=128, num_heads=4, patch_size=1),
+        # 28x28 MNIST, patch 4: 49 tokens.
+        "DiT-mnist": dict(depth=8, hidden_size=256, num_heads=4, patch_size=4),
+        # 28x28 MNIST, patch 2: 196 tokens.
+        "DiT-mnist/2": dict(depth=8, hidden_size=256, num_heads=4, patch_size=2),
+        # For tests: a few thousand parameters.
+        "DiT-tiny": dict(depth=2, hidden_size=32, num_heads=2, patch_size=2),
+    }
+)
+
+
+def model_config(name: str, input_size: int, in_channels: int, num_classes: int, **overrides) -> DiTConfig:
+    """The ``DiTConfig`` of a registry entry for a given input shape and class count.
+
+    ``overrides`` replace architecture fields (e.g. ``depth=4``, ``qk_norm=True``).
+    """
+    if name not in MODEL_CONFIGS:
+        raise ConfigError(f"unknown model {name!r}; known models: {', '.join(MODEL_CONFIGS)}")
+    valid = {f.name for f in fields(DiTConfig)}
+    bad = sorted(set(overrides) - valid)
+    if bad:
+        raise ConfigError(f"unknown model option(s) {bad}; valid: {sorted(valid)}")
+    cfg = DiTConfig(input_size=input_size, in_channels=in_channels, num_classes=num_classes, **MODEL_CONFIGS[name])
+    cfg = replace(cfg, **{k: v for k, v in overrides.items() if v is not None})
+    cfg.validate()
+    return cfg
+
+
+def build_model(name: str, input_size: int, in_channels: int, num_classes: int, **overrides) -> DiT:
+    """Build a registry model, e.g. ``build_model("DiT-S/2", 32, 4, 1000)``."""
+    return DiT(model_config(name, input_size, in_channels, num_classes, **overrides))

@@ -1,0 +1,28 @@
+"""Load a trained model back from a run directory or checkpoint."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..errors import CheckpointError
+from ..models import DiT, DiTConfig
+from .checkpoint import load_checkpoint, load_state_dict_strict
+
+
+def load_run_model(path: str | Path, use_ema: bool = True, map_location: str = "cpu") -> tuple[DiT, dict]:
+    """The model saved in a run directory (its latest checkpoint) or a checkpoint directory.
+
+    Returns ``(model in eval mode, meta)`` where ``meta`` holds the run's resolved config,
+    model config and data description. ``use_ema`` picks the EMA weights (the ones to
+    sample from) over the raw training weights.
+    """
+    ckpt = load_checkpoint(path, map_location=map_location, load_tensors_only=True)
+    mc = ckpt.meta.get("model_config")
+    if mc is None:
+        raise CheckpointError(f"{ckpt.path}: manifest has no model_config; not a flowdit training checkpoint")
+    model = DiT(DiTConfig(**mc))
+    which = "ema" if use_ema else "model"
+    if which not in ckpt.tensors:
+        raise CheckpointError(f"{ckpt.path}: no {which}.safetensors in checkpoint")
+    load_state_dict_strict(model, ckpt.tensors[which], which)
+    return model.eval(), ckpt.meta
