@@ -27,8 +27,8 @@ for _size, _arch in _SIZES.items():
 
 MODEL_CONFIGS.update(
     {
-        # 8x8 digits, patch 1: 64 tokens.
-        "DiT-digits": dict(depth=6, hidden_size=128, num_heads=4, patch_size=1),
+        # 8x8 digits, patch 2: 16 tokens.
+        "DiT-digits": dict(depth=4, hidden_size=128, num_heads=4, patch_size=2),
         # 28x28 MNIST, patch 4: 49 tokens.
         "DiT-mnist": dict(depth=8, hidden_size=256, num_heads=4, patch_size=4),
         # 28x28 MNIST, patch 2: 196 tokens.
