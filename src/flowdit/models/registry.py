@@ -29,10 +29,10 @@ MODEL_CONFIGS.update(
     {
         # 8x8 digits, patch 2: 16 tokens.
         "DiT-digits": dict(depth=4, hidden_size=128, num_heads=4, patch_size=2),
-        # 28x28 MNIST, patch 4: 49 tokens.
-        "DiT-mnist": dict(depth=8, hidden_size=256, num_heads=4, patch_size=4),
-        # 28x28 MNIST, patch 2: 196 tokens.
-        "DiT-mnist/2": dict(depth=8, hidden_size=256, num_heads=4, patch_size=2),
+        # 28x28 MNIST, patch 4: 49 tokens (about 200 training images/s on 2 CPU cores, fp32).
+        "DiT-mnist": dict(depth=6, hidden_size=128, num_heads=4, patch_size=4),
+        # 28x28 MNIST, patch 2: 196 tokens (about 4.5x the compute per image).
+        "DiT-mnist/2": dict(depth=6, hidden_size=128, num_heads=4, patch_size=2),
         # For tests: a few thousand parameters.
         "DiT-tiny": dict(depth=2, hidden_size=32, num_heads=2, patch_size=2),
     }
