@@ -70,10 +70,10 @@ def accuracy(net: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor) -
 
 def train_classifier(kind: str, train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Tensor,
                      test_y: torch.Tensor, num_classes: int, epochs: int, seed: Optional[int] = None,
-                     batch_size: int = 128, lr: float = 2e-3, max_shift: int = 2,
+                     batch_size: int = 128, lr: float = 2e-3, max_shift: Optional[int] = None,
                      progress: bool = True) -> tuple[torch.nn.Module, dict]:
-    """Train an ``evaluator`` or ``guide`` network with Adam (cosine-decayed lr) and random
-    translations; returns the network and a record of how it was made and how it scores.
+    """Train an ``evaluator`` or ``guide`` network with Adam (one-cycle lr) and random
+    translations (``max_shift`` pixels, default ``size // 14``); returns the network and a record of how it was made and how it scores.
 
     Args:
         train_x, test_x: ``[N, C, H, W]`` in ``[-1, 1]``; train_y, test_y: ``[N]`` labels.
@@ -81,6 +81,8 @@ def train_classifier(kind: str, train_x: torch.Tensor, train_y: torch.Tensor, te
     if kind not in NETWORKS:
         raise DataError(f"unknown classifier kind {kind!r}; valid: {sorted(NETWORKS)}")
     seed = DEFAULT_SEEDS[kind] if seed is None else seed
+    if max_shift is None:  # +-2 px on 28 px digits; none on 8 px ones, where a pixel is a stroke
+        max_shift = train_x.shape[-1] // 14
     torch.manual_seed(seed)
     C, H = train_x.shape[1], train_x.shape[2]
     arch = {"in_channels": C, "image_size": H, "num_classes": num_classes}

@@ -417,6 +417,7 @@ def save_config(cfg: Any, path: str | os.PathLike) -> pathlib.Path:
             f.write(text)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)  # mkstemp creates 0600; a config is meant to be read by others
         os.replace(tmp, p)
     except BaseException:
         try:
