@@ -143,3 +143,15 @@ def test_torchrun_two_processes_match_one(tmp_path):
     wb = load_checkpoint(tmp_path / "two").tensors["model"]
     for k in wa:
         torch.testing.assert_close(wa[k], wb[k], rtol=1e-4, atol=1e-5)
+
+
+def test_compile_failure_falls_back_to_eager(tmp_path, monkeypatch, capsys):
+    def broken_compile(module, *a, **k):
+        def fn(*args, **kwargs):
+            raise RuntimeError("no compiler here")
+        return fn
+
+    monkeypatch.setattr(torch, "compile", broken_compile)
+    tr = Trainer(tiny_config(tmp_path, "name=c", "train.steps=2", "train.compile=true"), progress=False)
+    tr.fit()
+    assert tr.step == 2 and "running eager" in capsys.readouterr().out

@@ -91,6 +91,32 @@ def global_batch_indices(step: int, batch_size: int, num_items: int, seed: int) 
     return out
 
 
+def compiled_or_eager(module: torch.nn.Module):
+    """``torch.compile(module)``, falling back to the eager module (with one message) if
+    compiling fails, at construction or at the first call where the graph is built:
+    compilation is an optimisation, never a requirement."""
+    try:
+        compiled = torch.compile(module)
+    except Exception as exc:
+        print(f"flowdit: torch.compile unavailable ({type(exc).__name__}: {exc}); running eager")
+        return module
+    state = {"fn": compiled, "ok": False}
+
+    def call(*args, **kwargs):
+        if state["ok"]:
+            return state["fn"](*args, **kwargs)
+        try:
+            out = state["fn"](*args, **kwargs)
+        except Exception as exc:
+            print(f"flowdit: torch.compile failed ({type(exc).__name__}: {str(exc)[:200]}); running eager")
+            state["fn"] = module
+            out = module(*args, **kwargs)
+        state["ok"] = True
+        return out
+
+    return call
+
+
 @torch.no_grad()
 def update_ema(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
     """``ema <- decay * ema + (1 - decay) * model`` over all parameters, in one fused op."""
@@ -136,12 +162,7 @@ class Trainer:
             self._resume()
         self.ddp = DDP(self.model) if self.dist.enabled else None
         fwd = self.ddp if self.ddp is not None else self.model
-        self.forward = fwd
-        if tc.compile:
-            try:
-                self.forward = torch.compile(fwd)
-            except Exception as exc:  # compile is an optimisation, never a requirement
-                print(f"flowdit: torch.compile unavailable ({exc}); running eager")
+        self.forward = compiled_or_eager(fwd) if tc.compile else fwd
 
     # -- state ------------------------------------------------------------------------
 
