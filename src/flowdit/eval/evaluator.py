@@ -140,10 +140,11 @@ def save_classifier(net: torch.nn.Module, dataset: str, record: dict, weights_di
     path = weights_dir / f"{dataset}_{kind}.safetensors"
     tmp = path.with_suffix(".tmp")
     save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(tmp))
+    os.chmod(tmp, 0o644)
     os.replace(tmp, path)
     manifest = read_manifest(weights_dir)
     manifest[f"{dataset}/{kind}"] = dict(record, file=path.name, sha256=sha256_file(path), dataset=dataset,
-                                         command=f"flowdit evaluator train --dataset {dataset}")
+                                         command=f"flowdit evaluator train --dataset {dataset} --kinds {kind} --epochs {record['epochs']}")
     mtmp = _manifest_path(weights_dir).with_suffix(".tmp")
     mtmp.write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
     os.replace(mtmp, _manifest_path(weights_dir))
