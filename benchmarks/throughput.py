@@ -81,7 +81,8 @@ def main() -> None:
     cmd = "python benchmarks/throughput.py " + " ".join(sys.argv[1:])
     table = (f"Machine: {info['cpu']}, {info['cores']} cores, torch {info['torch']}, load average at start "
              f"{info['load_average'][0]:.2f}, commit {info['commit']}.\nCommand: `{cmd.strip()}`\n\n" + "\n".join(lines))
-    md = write_results("throughput", {"machine": info, "command": cmd, "rows": rows}, table)
+    name = "throughput" if args.configs == "digits,mnist" else "throughput_" + args.configs.replace(",", "_")
+    md = write_results(name, {"machine": info, "command": cmd, "rows": rows}, table)
     print(table)
     print(f"\nwrote {md}")
 

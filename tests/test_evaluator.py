@@ -98,3 +98,12 @@ def test_eval_cli_writes_the_promised_json(tmp_path, capsys):
     assert len(err) == 1 and "[N, 1, 8, 8]" in err[0]
     assert main(["eval", "--samples", str(npz)]) == 2
     assert "--dataset" in capsys.readouterr().err
+
+
+def test_inception_fid_without_weights_is_a_clear_error(tmp_path, capsys):
+    x, y = _digits_test()
+    npz = tmp_path / "s.npz"
+    save_npz(npz, x[:20], y[:20])
+    missing = tmp_path / "inception.pth"
+    assert main(["eval", "--samples", str(npz), "--dataset", "digits", "--inception-weights", str(missing)]) == 2
+    assert "Inception weights not found" in capsys.readouterr().err

@@ -156,6 +156,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
         raise FlowditError("--dataset is required when --samples is an .npz file (digits or mnist)")
     images, labels = load_npz(npz)
     result = evaluate_samples(images, labels, dataset, root=root, seed=args.seed)
+    if args.inception_weights:
+        from .evaluate import inception_fid
+
+        result["fid_inception"] = inception_fid(images, dataset, root, args.inception_weights)
     for key in ("solver", "steps", "nfe", "cfg", "seed"):
         value = getattr(args, key, None)
         result[key] = value if value is not None else meta.get(key)
@@ -214,6 +218,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--dataset", help="digits or mnist (default: the run's data set)")
     e.add_argument("--data-root", help="directory of the data set's files (mnist)")
     e.add_argument("--out", help="output JSON (default: next to the .npz, *.eval.json)")
+    e.add_argument("--inception-weights", help="local Inception-v3 weights file (torch-fidelity's): adds the "
+                   "standard Inception FID, computed by torch-fidelity")
     e.add_argument("--seed", type=int, help="seed the samples were drawn with (recorded)")
     e.add_argument("--solver", help="solver the samples were drawn with (recorded)")
     e.add_argument("--steps", type=int, help="solver steps (recorded)")

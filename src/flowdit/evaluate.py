@@ -92,3 +92,37 @@ def evaluate_samples(images: torch.Tensor, labels: Optional[torch.Tensor], datas
     out["fid_features"] = "flowdit evaluator penultimate (128-d); fid_guide: guide network (96-d)"
     out["eval_seconds"] = round(time.perf_counter() - t0, 2)
     return out
+
+
+class _Uint8RGB(torch.utils.data.Dataset):
+    """Images ``[N, C, H, W]`` in ``[-1, 1]`` as the uint8 ``[3, H, W]`` items torch-fidelity reads."""
+
+    def __init__(self, images: torch.Tensor):
+        self.images = images
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        x = ((self.images[i].float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+        return x.expand(3, -1, -1).contiguous() if x.shape[0] == 1 else x
+
+
+def inception_fid(images: torch.Tensor, dataset: str, root: Optional[str], weights_path: str,
+                  ref_split: str = "train") -> float:
+    """Standard Inception FID through torch-fidelity, from Inception weights the user has
+    locally (nothing is downloaded). flowdit does not reimplement it: this only adapts
+    the images (grayscale repeated to RGB, uint8) and calls the package."""
+    if not Path(weights_path).is_file():
+        raise DataError(f"Inception weights not found at {weights_path}")
+    try:
+        import torch_fidelity
+    except ImportError:
+        raise DataError("Inception FID needs torch-fidelity: pip install torch-fidelity") from None
+    data = build_dataset(dataset, root=root, split=ref_split)
+    real, _ = data.batch(torch.arange(len(data)))
+    metrics = torch_fidelity.calculate_metrics(
+        input1=_Uint8RGB(images), input2=_Uint8RGB(real), fid=True, verbose=False,
+        cuda=torch.cuda.is_available(), feature_extractor_weights_path=weights_path,
+    )
+    return float(metrics["frechet_inception_distance"])
