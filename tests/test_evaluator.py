@@ -39,16 +39,17 @@ def test_shipped_digits_networks_match_checksum_and_stated_accuracy(kind):
 
 
 @pytest.mark.parametrize("kind", ["evaluator", "guide"])
-def test_shipped_mnist_networks_reach_their_accuracy_on_a_fixed_slice(kind):
+def test_shipped_mnist_networks_reach_their_stated_accuracy(kind):
     if not MNIST.is_dir():
         pytest.skip(f"MNIST not found at {MNIST}")
     if f"mnist/{kind}" not in read_manifest():
         pytest.skip("no shipped MNIST networks")
     net, entry = load_classifier("mnist", kind)
     test = load_mnist(MNIST, "test")
-    x, y = test.batch(torch.arange(2000))
+    x, y = test.batch(torch.arange(len(test)))
     assert entry["test_accuracy"] >= (0.99 if kind == "evaluator" else 0.97)
-    assert accuracy(net, x, y) >= entry["test_accuracy"] - 0.01
+    # The whole test split: the stated number, up to a few images of thread-order noise.
+    assert abs(accuracy(net, x, y) - entry["test_accuracy"]) <= 5 / len(y)
 
 
 def test_corrupt_weights_are_refused(tmp_path):
