@@ -18,7 +18,6 @@ import argparse
 import statistics
 import sys
 import time
-from pathlib import Path
 
 import torch
 
@@ -74,7 +73,6 @@ def plot(rows, refs, path):
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
     colors = {}
     for r in rows:
-        key = (r["solver"], r["cfg"])
         colors.setdefault(r["solver"], f"C{len(colors)}")
     for (solver, cfg) in sorted({(r["solver"], r["cfg"]) for r in rows}):
         pts = sorted((r for r in rows if r["solver"] == solver and r["cfg"] == cfg), key=lambda r: r["nfe"])

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from flowdit.errors import ConfigError
-from flowdit.models import MODEL_CONFIGS, DiT, MathProcessor, SDPAProcessor, build_model
+from flowdit.models import MODEL_CONFIGS, MathProcessor, SDPAProcessor, build_model
 from flowdit.models.layers import sincos_pos_embed_2d, timestep_embedding
 
 SMALL = {"DiT-digits": (8, 1), "DiT-mnist": (28, 1), "DiT-mnist/2": (28, 1), "DiT-tiny": (8, 3)}

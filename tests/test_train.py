@@ -10,7 +10,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from safetensors.torch import load_file
 
 from flowdit.cli import main
 from flowdit.train.config import RunConfig

@@ -134,6 +134,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     import json
 
     from .evaluate import evaluate_samples
+    from .train.outputs import write_json
     from .utils.images import load_npz
 
     src = Path(args.samples)
@@ -166,9 +167,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     result["samples"] = str(npz)
     out = Path(args.out) if args.out else npz.with_suffix(".eval.json")
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(".tmp")
-    tmp.write_text(json.dumps(result, indent=2) + "\n")
-    tmp.replace(out)
+    write_json(out, result)
     shown = {k: round(v, 4) if isinstance(v, float) else v for k, v in result.items()
              if k in ("fid", "fid_guide", "precision", "recall", "class_accuracy", "num_samples")}
     print(f"flowdit: {shown} -> {out}")

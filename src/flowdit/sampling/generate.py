@@ -11,10 +11,10 @@ from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
-import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from ..utils.seeding import seeded_generator
 from .guidance import cfg_velocity
 from .sample import sample
 
@@ -23,9 +23,7 @@ def indexed_noise(indices: Sequence[int], shape: Sequence[int], seed: int) -> to
     """Standard normal noise ``[len(indices), *shape]``, row ``j`` a function of ``(seed, indices[j])`` only."""
     out = torch.empty(len(indices), *shape)
     for j, i in enumerate(indices):
-        state = np.random.SeedSequence([int(seed), 0x5EED, int(i)]).generate_state(2, dtype=np.uint32)
-        g = torch.Generator().manual_seed(int(state[0]) << 32 | int(state[1]))
-        out[j] = torch.randn(*shape, generator=g)
+        out[j] = torch.randn(*shape, generator=seeded_generator(seed, 0x5EED, i))
     return out
 
 

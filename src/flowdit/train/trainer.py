@@ -14,14 +14,11 @@ from __future__ import annotations
 
 import copy
 import json
-import math
-import os
 import time
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Optional
 
-import numpy as np
 import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm.auto import tqdm
@@ -33,6 +30,7 @@ from ..data import build_dataset
 from ..errors import CheckpointError, FlowditError
 from ..models import DiT, build_model
 from ..utils.config import save_config, to_dict
+from ..utils.seeding import seeded_generator
 from . import dist as D
 from .checkpoint import latest_checkpoint, load_checkpoint, load_state_dict_strict, save_checkpoint
 from .config import RunConfig
@@ -65,14 +63,6 @@ def autocast_dtype(precision: str, device: torch.device) -> Optional[torch.dtype
     if device.type == "cuda":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else None
     return torch.bfloat16 if cpu_has_bf16() else None
-
-
-def seeded_generator(*key: int, device: torch.device | str = "cpu") -> torch.Generator:
-    """A generator whose seed is a well-mixed hash of the integer ``key`` (e.g. seed, step)."""
-    state = np.random.SeedSequence([int(k) for k in key]).generate_state(2, dtype=np.uint32)
-    g = torch.Generator(device=device)
-    g.manual_seed(int(state[0]) << 32 | int(state[1]))
-    return g
 
 
 _DATA_STREAM, _NOISE_STREAM = 1, 2
