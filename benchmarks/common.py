@@ -11,6 +11,8 @@ from pathlib import Path
 
 import torch
 
+RESULTS = Path(__file__).parent / "results"
+
 
 def machine_info() -> dict:
     """What ran the benchmark: CPU, cores, torch build, load average at the start."""
@@ -56,7 +58,7 @@ def timed(fn, repeats: int, warmup: int = 1) -> list[float]:
 
 def write_results(name: str, payload: dict, table: str) -> Path:
     """Write ``benchmarks/results/<name>.json`` and ``<name>.md``; returns the .md path."""
-    out = Path(__file__).parent / "results"
+    out = RESULTS
     out.mkdir(exist_ok=True)
     (out / f"{name}.json").write_text(json.dumps(payload, indent=2) + "\n")
     md = out / f"{name}.md"

@@ -2,7 +2,8 @@
 without classifier-free guidance, scored by the data set's shipped evaluator.
 
     python benchmarks/quality_vs_nfe.py --run runs/mnist --num 2000 --seeds 0 \\
-        --nfe 1,2,4,8,16,32,64 --solvers euler,heun,midpoint,rf3 --cfg 1.0,1.5 --tols 1e-2,1e-3,1e-4
+        --nfe 1,2,4,8,16,32,64 --solvers euler,heun,midpoint,rf3 --cfg 1.0,1.5 --tols 1e-2,1e-3,1e-4 \\
+        --precision bf16
 
 A solver with k evaluations per step runs NFE / k steps (cells where NFE is not a
 multiple of k use the nearest step count and report the NFE that actually ran);
@@ -10,18 +11,23 @@ multiple of k use the nearest step count and report the NFE that actually ran);
 ``tests/test_sampling.py``). Every cell uses the same seeds, classes (balanced) and
 sample count. Also reported: the floor (real test images) and the ceiling (uniform
 noise) under the same evaluator. Writes ``benchmarks/results/<name>.{json,md,png}``.
+
+Every finished cell is appended to ``benchmarks/results/<name>.cells.jsonl``; a killed run
+started again with the same arguments skips the cells already there (``--fresh`` starts
+over). ``--precision bf16`` samples under bf16 autocast (the model's weights stay fp32).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import sys
 import time
 
 import torch
 
-from common import machine_info, write_results
+from common import RESULTS, machine_info, write_results
 from flowdit.data import build_dataset
 from flowdit.evaluate import evaluate_samples
 from flowdit.sampling.generate import generate
@@ -33,21 +39,22 @@ LABELS = {"euler": "Euler", "heun": "Heun", "midpoint": "midpoint / RF-Solver-2"
           "rf3": "RF-Solver-3", "dopri5": "dopri5"}
 
 
-def cell(model, meta, solver, steps, cfg, n, seeds, dataset, root, tol=1e-4):
+def cell(model, meta, solver, steps, cfg, n, seeds, dataset, root, tol=1e-4, amp_dtype=None):
     """Mean and std over seeds of every metric of one (solver, steps, cfg) cell."""
     shape = tuple(meta["data"]["shape"])
     labels = balanced_labels(model.num_classes, n)
     shift = float(meta["config"]["flow"].get("shift", 1.0))
-    runs, nfe, secs = [], 0, 0.0
+    runs, nfe, secs, eval_secs = [], 0, 0.0, 0.0
     for s in seeds:
         t0 = time.perf_counter()
         gen = generate(model, labels, shape, solver=solver, steps=steps, cfg_scale=cfg, shift=shift, seed=s,
-                       batch_size=500, rtol=tol, atol=tol)
+                       batch_size=500, rtol=tol, atol=tol, amp_dtype=amp_dtype)
         secs += time.perf_counter() - t0
         nfe = max(nfe, gen.nfe)
         runs.append(evaluate_samples(gen.images, gen.labels, dataset, root=root, seed=s))
+        eval_secs += runs[-1]["eval_seconds"]
     out = {"solver": solver, "steps": steps, "cfg": cfg, "nfe": nfe, "num": n, "seeds": list(seeds),
-           "sample_seconds_per_image": secs / (n * len(seeds))}
+           "sample_seconds_per_image": secs / (n * len(seeds)), "eval_seconds_per_run": eval_secs / len(seeds)}
     if solver == "dopri5":
         out["tol"] = tol
     for key in ("fid", "fid_guide", "precision", "recall", "class_accuracy"):
@@ -101,13 +108,17 @@ def main() -> None:
     ap.add_argument("--solvers", default="euler,heun,midpoint,rf3")
     ap.add_argument("--cfg", default="1.0,1.5")
     ap.add_argument("--tols", default="1e-2,1e-3,1e-4", help="dopri5 tolerances ('' to skip)")
+    ap.add_argument("--precision", choices=("fp32", "bf16"), default="fp32", help="sampling precision")
     ap.add_argument("--name", help="result file name (default: <dataset>_quality)")
+    ap.add_argument("--fresh", action="store_true", help="ignore the cells of an earlier, interrupted run")
     args = ap.parse_args()
 
     torch.manual_seed(0)
     model, meta = load_run_model(args.run)
     dataset, root = meta["config"]["data"]["dataset"], meta["config"]["data"].get("root")
     seeds = [int(s) for s in args.seeds.split(",")]
+    amp_dtype = torch.bfloat16 if args.precision == "bf16" else None
+    name = args.name or f"{dataset}_quality"
     info = machine_info()
     t_start = time.perf_counter()
 
@@ -119,6 +130,32 @@ def main() -> None:
             "ceiling": evaluate_samples(torch.rand_like(x) * 2 - 1, y, dataset, root=root)}
     print(f"floor (real test): FID {refs['floor']['fid']:.2f}; ceiling (noise): FID {refs['ceiling']['fid']:.1f}", flush=True)
 
+    # Finished cells of an interrupted run with the same settings are reused, keyed by what defines a cell.
+    cells_path = RESULTS / f"{name}.cells.jsonl"
+    setting = {"run": args.run, "num": args.num, "seeds": seeds, "precision": args.precision}
+    done_cells = {}
+    if cells_path.exists() and not args.fresh:
+        for line in cells_path.read_text().splitlines():
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:  # the line a killed run was writing
+                continue
+            if rec.pop("setting", None) == setting:
+                done_cells[(rec["solver"], rec["steps"], rec["cfg"], rec.get("tol"))] = rec
+        print(f"reusing {len(done_cells)} finished cells from {cells_path}", flush=True)
+    elif cells_path.exists():
+        cells_path.unlink()
+
+    def run_cell(solver, steps, cfg, tol=None):
+        key = (solver, steps, cfg, tol)
+        if key in done_cells:
+            return done_cells[key]
+        r = cell(model, meta, solver, steps, cfg, args.num, seeds, dataset, root, tol=tol or 1e-4,
+                 amp_dtype=amp_dtype)
+        with open(cells_path, "a") as f:
+            f.write(json.dumps({**r, "setting": setting}) + "\n")
+        return r
+
     rows = []
     for cfg in [float(c) for c in args.cfg.split(",")]:
         for solver in args.solvers.split(","):
@@ -129,24 +166,26 @@ def main() -> None:
                 if steps in done:
                     continue
                 done.add(steps)
-                r = cell(model, meta, solver, steps, cfg, args.num, seeds, dataset, root)
+                r = run_cell(solver, steps, cfg)
                 rows.append(r)
                 print(f"{solver:9s} cfg {cfg:g} steps {steps:3d} NFE {r['nfe']:3d}: FID {fmt(r)}  "
                       f"FID_guide {fmt(r, 'fid_guide')}  acc {fmt(r, 'class_accuracy')}%  "
                       f"P {r['precision']:.3f} R {r['recall']:.3f}", flush=True)
         for tol in [float(t) for t in args.tols.split(",") if t]:
-            r = cell(model, meta, "dopri5", 0, cfg, args.num, seeds, dataset, root, tol=tol)
+            r = run_cell("dopri5", 0, cfg, tol=tol)
             rows.append(r)
             print(f"dopri5    cfg {cfg:g} tol {tol:g} NFE {r['nfe']:3d}: FID {fmt(r)}  acc {fmt(r, 'class_accuracy')}%",
                   flush=True)
 
-    name = args.name or f"{dataset}_quality"
     cmd = "python benchmarks/quality_vs_nfe.py " + " ".join(sys.argv[1:])
     lines = [f"Model: `{args.run}` ({meta['model_config']['hidden_size']} wide, depth {meta['model_config']['depth']}, "
-             f"patch {meta['model_config']['patch_size']}); {args.num} samples per cell, seeds {args.seeds}; "
+             f"patch {meta['model_config']['patch_size']}); {args.num} samples per cell, seeds {args.seeds}, "
+             f"sampling in {args.precision}; "
              f"FID on the evaluator's penultimate features against the {dataset} training set.",
              f"Machine: {info['cpu']}, {info['cores']} cores, torch {info['torch']}, load average at start "
-             f"{info['load_average'][0]:.2f}, commit {info['commit']}, {time.perf_counter() - t_start:.0f} s in all.",
+             f"{info['load_average'][0]:.2f}, commit {info['commit']}, {time.perf_counter() - t_start:.0f} s in all "
+             f"(this invocation). Scoring one set of {args.num} samples takes "
+             f"{statistics.fmean(r['eval_seconds_per_run'] for r in rows):.1f} s.",
              f"Command: `{cmd}`", "",
              f"Floor (real test images, {n_ref}): FID {refs['floor']['fid']:.2f}, FID_guide {refs['floor']['fid_guide']:.2f}, "
              f"class accuracy {100 * refs['floor']['class_accuracy']:.1f}%. Ceiling (uniform noise): FID "
