@@ -107,7 +107,7 @@ def save_grid_png(
     grid = make_grid(images, nrow=nrow, upscale=upscale)
     # A 2-D uint8 array becomes mode L, [H, W, 3] becomes RGB.
     picture = Image.fromarray(grid[:, :, 0] if grid.shape[2] == 1 else grid)
-    return _atomic_write(Path(path), lambda f: picture.save(f, format="PNG"))
+    return atomic_write(Path(path), lambda f: picture.save(f, format="PNG"))
 
 
 def save_npz(
@@ -138,7 +138,7 @@ def save_npz(
                 f"got {labels.dtype} of shape {tuple(labels.shape)}"
             )
         arrays["arr_1"] = labels.to(torch.int64).numpy()
-    return _atomic_write(Path(path), lambda f: np.savez(f, **arrays))
+    return atomic_write(Path(path), lambda f: np.savez(f, **arrays))
 
 
 def load_npz(path: str | Path) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -189,7 +189,7 @@ def load_npz(path: str | Path) -> tuple[torch.Tensor, torch.Tensor | None]:
     return images, torch.from_numpy(labels.astype(np.int64))
 
 
-def _atomic_write(path: Path, write: Callable[[IO[bytes]], None]) -> Path:
+def atomic_write(path: Path, write: Callable[[IO[bytes]], None]) -> Path:
     # Write beside the target then rename, so a crash or a reader never sees half a file.
     # (Not tempfile.mkstemp: its 0600 mode would survive the rename.)
     path.parent.mkdir(parents=True, exist_ok=True)
