@@ -176,3 +176,23 @@ def test_one_reflow_round_straightens_two_gaussians(tmp_path):
     with torch.no_grad():
         x = sample(lambda x, t: rf2(x, t), z, solver="euler", steps=1).x
     assert 0.35 < float((x[:, 0] > 0).float().mean()) < 0.65
+
+
+# -- the command line -----------------------------------------------------------------------
+
+
+def test_reflow_pairs_cli_writes_loadable_pairs(tmp_path, capsys):
+    from flowdit.cli import main
+
+    tiny = ["model.name=DiT-tiny", "train.batch_size=16", "train.precision=fp32", "train.steps=2",
+            "train.ckpt_every=2", f"out_dir={tmp_path}", "name=t", "sample.num_eval=10", "sample.per_class=1"]
+    assert main(["train", "--no-progress", "--no-outputs", "--config", "configs/digits.yaml", *tiny]) == 0
+    args = ["reflow", "pairs", "--ckpt", str(tmp_path / "t"), "--num", "12", "--out", str(tmp_path / "pairs"),
+            "--steps", "2", "--shard-size", "5", "--precision", "fp32", "--no-progress"]
+    assert main(args) == 0
+    pairs = load_pairs(tmp_path / "pairs")
+    assert pairs.sample.shape == (12, 1, 8, 8) and torch.equal(pairs.label, torch.arange(12) % 10)
+    assert pairs.settings["solver"] == "rf2" and pairs.settings["steps"] == 2
+    other = [("3" if a == "2" and args[i - 1] == "--steps" else a) for i, a in enumerate(args)]
+    assert main(other) == 2  # other settings, same directory
+    assert "other settings" in capsys.readouterr().err

@@ -1,4 +1,4 @@
-"""The ``flowdit`` command line: ``train``, ``sample``, ``eval``, ``evaluator train``.
+"""The ``flowdit`` command line: ``train``, ``sample``, ``eval``, ``evaluator train``, ``reflow pairs``.
 
 Every command takes ``--help``. Errors in arguments, configs, data or checkpoints are
 printed as one line naming the problem (``flowdit: error: ...``), exit status 2.
@@ -105,6 +105,39 @@ def cmd_sample(args: argparse.Namespace) -> int:
     else:
         save_npz(out, gen.images, gen.labels)
     print(f"flowdit: wrote {len(labels)} samples to {out} (solver {args.solver}, NFE {gen.nfe}, cfg {args.cfg})")
+    return 0
+
+
+def cmd_reflow_pairs(args: argparse.Namespace) -> int:
+    import torch
+
+    from .distill.pairs import model_sampler, write_pairs
+    from .train.dist import barrier, cleanup, init_distributed
+    from .train.run import load_run_model
+    from .train.trainer import autocast_dtype
+
+    if args.num <= 0 or args.steps <= 0:
+        raise FlowditError(f"--num and --steps must be positive, got {args.num} and {args.steps}")
+    dist = init_distributed(args.device)
+    model, meta = load_run_model(args.ckpt)
+    model.to(dist.device)
+    shape = tuple(meta["data"]["shape"])
+    amp_dtype = autocast_dtype(args.precision, dist.device)
+    fn = model_sampler(model, solver=args.solver, steps=args.steps, cfg_scale=args.cfg, amp_dtype=amp_dtype,
+                       device=dist.device)
+    settings = {"teacher": str(Path(args.ckpt).resolve()), "solver": args.solver, "steps": args.steps,
+                "cfg": args.cfg, "precision": "bf16" if amp_dtype else "fp32"}
+    torch.manual_seed(args.seed)
+    write_pairs(args.out, args.num, shape, fn, num_classes=model.num_classes, seed=args.seed,
+                shard_size=args.shard_size, settings=settings, rank=dist.rank, world_size=dist.world_size,
+                batch_size=args.batch_size, progress=not args.no_progress and dist.is_main)
+    barrier(dist)
+    if dist.is_main:  # the last rank to finish may not be rank 0: close the manifest once all are done
+        write_pairs(args.out, args.num, shape, fn, num_classes=model.num_classes, seed=args.seed,
+                    shard_size=args.shard_size, settings=settings, progress=False)
+        print(f"flowdit: wrote {args.num} pairs to {args.out} (solver {args.solver}, {args.steps} steps, "
+              f"cfg {args.cfg})")
+    cleanup(dist)
     return 0
 
 
@@ -225,6 +258,26 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--nfe", type=int, help="velocity evaluations per sample (recorded)")
     e.add_argument("--cfg", type=float, help="guidance scale (recorded)")
     e.set_defaults(func=cmd_eval)
+
+    rf = sub.add_parser("reflow", help="reflow: coupling data from a trained model")
+    rfsub = rf.add_subparsers(dest="reflow_command", required=True, metavar="ACTION")
+    rp = rfsub.add_parser("pairs", help="generate (noise, sample, label) pairs from a run",
+                          description="Integrate a run's ODE from seeded noise and write the pairs as verified "
+                                      "shards with a manifest. Deterministic per seed; run it again to resume; "
+                                      "under torchrun each process writes its own shards.")
+    rp.add_argument("--ckpt", required=True, help="run directory or checkpoint directory of the teacher")
+    rp.add_argument("--num", type=int, required=True, help="number of pairs")
+    rp.add_argument("--out", required=True, help="output directory")
+    rp.add_argument("--solver", default="rf2")
+    rp.add_argument("--steps", type=int, default=8)
+    rp.add_argument("--cfg", type=float, default=1.5, help="guidance folded into the pairs (1 = none)")
+    rp.add_argument("--seed", type=int, default=0)
+    rp.add_argument("--shard-size", type=int, default=5000)
+    rp.add_argument("--batch-size", type=int, default=500)
+    rp.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto")
+    rp.add_argument("--device", help="cpu or cuda (default: cuda when available)")
+    rp.add_argument("--no-progress", action="store_true")
+    rp.set_defaults(func=cmd_reflow_pairs)
 
     ev = sub.add_parser("evaluator", help="train the evaluator and guide networks of a data set")
     evsub = ev.add_subparsers(dest="evaluator_command", required=True, metavar="ACTION")
