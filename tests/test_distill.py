@@ -196,3 +196,32 @@ def test_reflow_pairs_cli_writes_loadable_pairs(tmp_path, capsys):
     other = [("3" if a == "2" and args[i - 1] == "--steps" else a) for i, a in enumerate(args)]
     assert main(other) == 2  # other settings, same directory
     assert "other settings" in capsys.readouterr().err
+
+
+def test_reflow_trains_on_the_pairs_through_the_core_trainer(tmp_path):
+    """A reflow run starts from its teacher's EMA weights and regresses exactly the pairs' straight lines."""
+    from flowdit.cli import main
+    from flowdit.train.config import RunConfig
+    from flowdit.train.run import load_run_model
+    from flowdit.train.trainer import Trainer
+    from flowdit.utils.config import load_config
+
+    tiny = ["model.name=DiT-tiny", "train.batch_size=16", "train.precision=fp32", "train.steps=2",
+            "train.ckpt_every=2", f"out_dir={tmp_path}", "flow.label_dropout=0"]
+    assert main(["train", "--no-progress", "--no-outputs", *tiny, "name=teacher"]) == 0
+    assert main(["reflow", "pairs", "--ckpt", str(tmp_path / "teacher"), "--num", "40", "--out",
+                 str(tmp_path / "pairs"), "--steps", "2", "--precision", "fp32", "--no-progress"]) == 0
+    cfg = load_config(RunConfig, None, tiny + ["name=student", f"data.pairs={tmp_path / 'pairs'}",
+                                               f"train.init_from={tmp_path / 'teacher'}"])
+    tr = Trainer(cfg, progress=False)
+    teacher, _ = load_run_model(tmp_path / "teacher")
+    for a, b in zip(tr.model.state_dict().values(), teacher.state_dict().values()):
+        assert torch.equal(a, b)
+    x0, y, eps, _, idx = tr.draw(0)
+    pairs = load_pairs(tmp_path / "pairs")
+    assert torch.equal(x0, pairs.sample[idx]) and torch.equal(eps, pairs.noise[idx])
+    assert torch.equal(y, pairs.label[idx])
+    tr.fit()
+    bad = load_config(RunConfig, None, tiny + ["name=s2", f"data.pairs={tmp_path}"])
+    with pytest.raises(DataError, match="not a pair directory"):
+        Trainer(bad, progress=False)

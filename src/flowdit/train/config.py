@@ -34,12 +34,18 @@ class ModelSection:
 
 @dataclass
 class DataSection:
-    """``dataset``: ``digits`` (embedded), ``mnist`` (IDX files in ``root``) or ``folder``."""
+    """``dataset``: ``digits`` (embedded), ``mnist`` (IDX files in ``root``) or ``folder``.
+
+    ``pairs``: a directory written by ``flowdit reflow pairs``; when set, the run trains on
+    those fixed ``(noise, sample, label)`` couplings (reflow) instead of data with fresh
+    noise. ``dataset`` still names the data set the samples imitate (shape, classes, metrics).
+    """
 
     dataset: str = "digits"
     root: Optional[str] = None
     image_size: Optional[int] = None
     channels: Optional[int] = None
+    pairs: Optional[str] = None
 
 
 @dataclass
@@ -81,7 +87,9 @@ class OptimSection:
 @dataclass
 class TrainSection:
     """Length, batch and bookkeeping of the run. ``batch_size`` is the global batch: the
-    sum over processes and gradient-accumulation micro-steps."""
+    sum over processes and gradient-accumulation micro-steps. ``init_from``: a run or
+    checkpoint directory whose EMA weights start the model and its EMA (reflow starts from
+    its teacher); ignored when resuming."""
 
     steps: int = 2000
     batch_size: int = 128
@@ -94,6 +102,7 @@ class TrainSection:
     keep_ckpts: int = 2
     sample_every: int = 0
     tensorboard: bool = False
+    init_from: Optional[str] = None
 
     def validate(self) -> None:
         for key in ("steps", "batch_size", "grad_accum", "log_every"):

@@ -139,8 +139,11 @@ class Trainer:
         self.dataset = build_dataset(cfg.data.dataset, root=cfg.data.root, split="train",
                                      image_size=cfg.data.image_size, channels=cfg.data.channels)
         C, H, W = self.dataset.shape
+        self.pairs = self._load_pairs(cfg.data.pairs) if cfg.data.pairs else None
         torch.manual_seed(tc.seed)  # identical initial weights on every process
         self.model: DiT = build_model(cfg.model.name, H, C, self.dataset.num_classes, **cfg.model.overrides()).to(self.device)
+        if tc.init_from and not resume:
+            self._init_from(tc.init_from)
         self.ema: DiT = copy.deepcopy(self.model).requires_grad_(False).eval()
         self.time_sampler = build_time_sampler(cfg.flow.time_sampler)
         self.amp_dtype = autocast_dtype(tc.precision, self.device)
@@ -179,6 +182,25 @@ class Trainer:
             state, self.meta(), keep_last=self.cfg.train.keep_ckpts,
         )
 
+    def _load_pairs(self, path: str):
+        from ..distill.pairs import load_pairs
+
+        pairs = load_pairs(path)
+        if tuple(pairs.noise.shape[1:]) != tuple(self.dataset.shape):
+            raise FlowditError(f"data.pairs {path}: pairs of shape {tuple(pairs.noise.shape[1:])} do not match "
+                               f"the data set's {tuple(self.dataset.shape)}")
+        if pairs.label is None or int(pairs.label.max()) >= self.dataset.num_classes:
+            raise FlowditError(f"data.pairs {path}: labels missing or outside 0..{self.dataset.num_classes - 1}")
+        return pairs
+
+    def _init_from(self, path: str) -> None:
+        """Start from another run's EMA weights (same architecture), e.g. reflow from its teacher."""
+        ckpt = load_checkpoint(path, map_location="cpu", load_tensors_only=True)
+        saved = ckpt.meta.get("model_config")
+        if saved is not None and saved != self.model.config_dict():
+            raise CheckpointError(f"train.init_from {path}: model config {saved} differs from the configured one")
+        load_state_dict_strict(self.model, ckpt.tensors["ema"], "ema")
+
     def _resume(self) -> None:
         path = latest_checkpoint(self.run_dir)
         if path is None:
@@ -211,7 +233,7 @@ class Trainer:
         """Images, labels, noise, times and the dropout mask of this process's share of
         the global batch of ``step`` (see the module docstring)."""
         tc, G = self.cfg.train, self.cfg.train.batch_size
-        idx = global_batch_indices(step, G, len(self.dataset), tc.seed)
+        idx = global_batch_indices(step, G, len(self.pairs if self.pairs is not None else self.dataset), tc.seed)
         g = seeded_generator(tc.seed, _NOISE_STREAM, step)
         C, H, W = self.dataset.shape
         eps = torch.randn(G, C, H, W, generator=g)
@@ -222,7 +244,10 @@ class Trainer:
         share = G // self.dist.world_size
         lo = self.dist.rank * share
         sl = slice(lo, lo + share)
-        x0, y = self.dataset.batch(idx[sl])
+        if self.pairs is not None:  # reflow: the coupling's own noise replaces the fresh draw
+            x0, y, eps = self.pairs.sample[idx[sl]], self.pairs.label[idx[sl]], self.pairs.noise[idx]
+        else:
+            x0, y = self.dataset.batch(idx[sl])
         y = torch.where(drop[sl], torch.full_like(y, self.model.null_class), y)
         dev = self.device
         return x0.to(dev), y.to(dev), eps[sl].to(dev), t[sl].to(dev), idx[sl]
