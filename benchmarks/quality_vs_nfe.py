@@ -3,7 +3,7 @@ without classifier-free guidance, scored by the data set's shipped evaluator.
 
     python benchmarks/quality_vs_nfe.py --run runs/mnist --num 2000 --seeds 0 \\
         --nfe 1,2,4,8,16,32,64 --solvers euler,heun,midpoint,rf3 --cfg 1.0,1.5 --tols 1e-2,1e-3,1e-4 \\
-        --precision bf16
+        --precision bf16 --compile
 
 A solver with k evaluations per step runs NFE / k steps (cells where NFE is not a
 multiple of k use the nearest step count and report the NFE that actually ran);
@@ -109,12 +109,15 @@ def main() -> None:
     ap.add_argument("--cfg", default="1.0,1.5")
     ap.add_argument("--tols", default="1e-2,1e-3,1e-4", help="dopri5 tolerances ('' to skip)")
     ap.add_argument("--precision", choices=("fp32", "bf16"), default="fp32", help="sampling precision")
+    ap.add_argument("--compile", action="store_true", help="sample with torch.compile (one compile per batch shape)")
     ap.add_argument("--name", help="result file name (default: <dataset>_quality)")
     ap.add_argument("--fresh", action="store_true", help="ignore the cells of an earlier, interrupted run")
     args = ap.parse_args()
 
     torch.manual_seed(0)
     model, meta = load_run_model(args.run)
+    if args.compile:
+        model = torch.compile(model, dynamic=False)
     dataset, root = meta["config"]["data"]["dataset"], meta["config"]["data"].get("root")
     seeds = [int(s) for s in args.seeds.split(",")]
     amp_dtype = torch.bfloat16 if args.precision == "bf16" else None
@@ -132,7 +135,7 @@ def main() -> None:
 
     # Finished cells of an interrupted run with the same settings are reused, keyed by what defines a cell.
     cells_path = RESULTS / f"{name}.cells.jsonl"
-    setting = {"run": args.run, "num": args.num, "seeds": seeds, "precision": args.precision}
+    setting = {"run": args.run, "num": args.num, "seeds": seeds, "precision": args.precision, "compile": args.compile}
     done_cells = {}
     if cells_path.exists() and not args.fresh:
         for line in cells_path.read_text().splitlines():
@@ -180,7 +183,7 @@ def main() -> None:
     cmd = "python benchmarks/quality_vs_nfe.py " + " ".join(sys.argv[1:])
     lines = [f"Model: `{args.run}` ({meta['model_config']['hidden_size']} wide, depth {meta['model_config']['depth']}, "
              f"patch {meta['model_config']['patch_size']}); {args.num} samples per cell, seeds {args.seeds}, "
-             f"sampling in {args.precision}; "
+             f"sampling in {args.precision}{' with torch.compile' if args.compile else ''}; "
              f"FID on the evaluator's penultimate features against the {dataset} training set.",
              f"Machine: {info['cpu']}, {info['cores']} cores, torch {info['torch']}, load average at start "
              f"{info['load_average'][0]:.2f}, commit {info['commit']}, {time.perf_counter() - t_start:.0f} s in all "
