@@ -405,3 +405,16 @@ def test_cli_bad_input_is_one_line(run_dir, capsys):
         assert main(argv) == 2, argv
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and err[0].startswith("flowdit: error:"), err
+
+
+def test_fireflow_is_second_order_on_a_nonlinear_field():
+    # dx/dt = -(1 + t) x^2 (tests/test_sampling.py): x(0) = 1 / (1/x(1) - 3/2).
+    x1 = torch.linspace(0.1, 0.3, 5, dtype=torch.float64).reshape(-1, 1)
+    exact = 1 / (1 / x1 - 1.5)
+
+    def v(x, t):
+        return -(1 + t.reshape(-1, 1)) * x**2
+
+    steps = [8, 16, 32, 64]
+    errors = [(sample(v, x1, solver="fireflow", steps=n).x - exact).abs().max().item() for n in steps]
+    assert abs(fitted_order(errors, steps) - 2) < 0.25, errors
