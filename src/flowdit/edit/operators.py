@@ -54,9 +54,11 @@ class LinearOperator:
     norm_sq: float = 1.0
 
     def forward(self, x: Tensor) -> Tensor:
+        """``A x``: images ``[B, C, H, W]`` to measurements."""
         raise NotImplementedError
 
     def adjoint(self, y: Tensor) -> Tensor:
+        """``A^T y``: measurements back to image shape ``[B, C, H, W]``."""
         raise NotImplementedError
 
     pinv = None

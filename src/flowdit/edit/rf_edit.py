@@ -1,5 +1,5 @@
 """RF-Edit (Wang et al. 2024, "Taming Rectified Flow for Inversion and Editing",
-arXiv 2411.04746, sec. 3.3): feature sharing between inversion and regeneration.
+arXiv 2411.04746): feature sharing between inversion and regeneration.
 
 While the source image is inverted under its own condition, chosen self-attention
 layers record their value tensors ``V [B, H, N, Dh]``; while the inverted noise is
@@ -165,7 +165,7 @@ def rf_edit(model, images: Tensor, source: Optional[Tensor], target: Optional[Te
             solver: Any = "rf2", steps: int = 10, shift: float = 1.0, blocks: Optional[Iterable[int]] = None,
             cfg_scale: float = 1.0, amp_dtype: Optional[torch.dtype] = None, batch_size: int = 256,
             device: Any = "cpu") -> EditResult:
-    """Edit images ``[N, C, H, W]`` from condition ``source [N]`` to ``target [N]`` (RF-Edit, sec. 3.3).
+    """Edit images ``[N, C, H, W]`` from condition ``source [N]`` to ``target [N]`` (RF-Edit).
 
     Inverts unguided under ``source`` recording V on ``blocks`` for the steps that will be
     injected, then regenerates under ``target`` (guided with ``cfg_scale``) injecting V in the
