@@ -12,6 +12,7 @@ from flowdit.sampling.schedules import SCHEDULES, build_schedule, shifted, unifo
 from flowdit.sampling.solvers import (
     SOLVERS,
     Euler,
+    FireFlow,
     Heun,
     Midpoint,
     RFSolver,
@@ -30,6 +31,7 @@ __all__ = [
     "Heun",
     "Midpoint",
     "RFSolver",
+    "FireFlow",
     "SOLVERS",
     "build_solver",
     "call_velocity",

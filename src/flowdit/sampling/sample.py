@@ -137,7 +137,7 @@ def sample(
             conditional model with ``cfg_velocity`` first).
         noise: the starting state ``[B, ...]`` (noise when sampling, data when the
             grid increases, i.e. inversion).
-        solver: a registry name (``euler, heun, midpoint, rf2, rf3``), a solver object,
+        solver: a registry name (``euler, heun, midpoint, rf2, rf3, fireflow``), a solver object,
             or a torchdiffeq adaptive method (``dopri5``, ...), which ignores ``steps``
             and uses ``rtol`` / ``atol``.
         steps: number of steps N (default 50); must equal ``len(schedule) - 1`` if

@@ -25,6 +25,7 @@ __all__ = [
     "Heun",
     "Midpoint",
     "RFSolver",
+    "FireFlow",
     "SOLVERS",
     "build_solver",
     "call_velocity",
@@ -167,6 +168,30 @@ class RFSolver(Solver):
         return f"RFSolver(order={self.order})"
 
 
+class FireFlow(Solver):
+    """FireFlow (Deng et al. 2024, "FireFlow: Fast Inversion of Rectified Flow for Image
+    Semantic Editing", arXiv 2412.07517): explicit midpoint whose start-of-step velocity
+    is the midpoint velocity of the previous step, reused instead of re-evaluated.
+
+    Step ``n``: ``k1 = m_{n-1}`` (``v(x, t)`` on the first step), ``m_n = v(x + h/2 k1,
+    t + h/2)``, ``x + h m_n``. The reused slope is off by O(h) in the probe only, so the
+    step keeps second-order accuracy (measured 1.94 in ``tests/test_edit.py``) at 1 NFE per step after the
+    first: N steps cost N + 1 evaluations. ``state`` carries ``m_n``; the sampling loop
+    starts every run with ``state = None``, so runs never share it.
+    """
+
+    name = "fireflow"
+    nfe_per_step = 1
+    order = 2
+
+    def step(self, model_fn, x, t_cur, t_next, state=None):
+        t_cur, t_next = float(t_cur), float(t_next)
+        h = t_next - t_cur
+        k1 = call_velocity(model_fn, x, t_cur) if state is None else state
+        mid = call_velocity(model_fn, x + 0.5 * h * k1, t_cur + 0.5 * h)
+        return x + h * mid, mid
+
+
 SOLVERS: dict[str, Callable[[], Solver]] = {
     "euler": Euler,
     "heun": Heun,
@@ -176,11 +201,12 @@ SOLVERS: dict[str, Callable[[], Solver]] = {
     "rf_solver": lambda: RFSolver(2),
     "rf_solver2": lambda: RFSolver(2),
     "rf_solver3": lambda: RFSolver(3),
+    "fireflow": FireFlow,
 }
 
 
 def build_solver(name: str | Solver) -> Solver:
-    """Return a solver instance for a registry name (``euler, heun, midpoint, rf2, rf3``,
+    """Return a solver instance for a registry name (``euler, heun, midpoint, rf2, rf3, fireflow``,
     aliases ``rf_solver2``, ``rf_solver3``), or pass a solver object (anything with a
     ``step`` method) through unchanged."""
     if isinstance(name, Solver) or (not isinstance(name, str) and hasattr(name, "step")):
