@@ -38,7 +38,7 @@ def block_flops(model: Any, n_query: int, n_key: int | None = None) -> float:
 
 @dataclass
 class PolicyStats:
-    """Compute a policy actually spent since its last reset.
+    """Compute a policy actually spent since it was built (or ``reset_stats``).
 
     ``calls``: model calls seen (each CFG branch counts when run separately);
     ``full_calls``: calls that ran every block on every token; ``block_evals``: blocks
@@ -78,9 +78,35 @@ class BlockPolicyBase:
         self.stats = PolicyStats()
 
     def reset(self) -> None:
-        """Forget every cached tensor and zero the statistics."""
+        """Forget every cached tensor (the sampling loop calls this at the start of every
+        sampling call). The statistics keep accumulating; see ``reset_stats``."""
         self._states = {}
+
+    def reset_stats(self) -> None:
+        """Zero the compute statistics."""
         self.stats = PolicyStats()
+
+    def state_bytes(self) -> int:
+        """Bytes held by the cached tensors of every branch."""
+        seen, total = set(), 0
+
+        def visit(obj):
+            nonlocal total
+            if isinstance(obj, torch.Tensor):
+                if id(obj) not in seen:
+                    seen.add(id(obj))
+                    total += obj.numel() * obj.element_size()
+            elif isinstance(obj, dict):
+                for v in obj.values():
+                    visit(v)
+            elif isinstance(obj, (list, tuple)):
+                for v in obj:
+                    visit(v)
+            elif hasattr(obj, "__dict__"):
+                visit(vars(obj))
+
+        visit(self._states)
+        return total
 
     def state(self, ctx: StepContext | Any, tokens: torch.Tensor) -> dict:
         """The state dict of the current branch, fresh if the token shape changed."""

@@ -26,9 +26,8 @@ MODES = ("criss", "local")
 
 def group_mask(grid: int, group: int, mode: str = "criss", device=None) -> torch.Tensor:
     """Boolean ``[N, N]`` mask (``N = grid^2``, row-major tokens): True where query ``i``
-    may attend to key ``j``."""
-    if grid % group:
-        raise ConfigError(f"grat: group {group} does not divide the token grid side {grid}")
+    may attend to key ``j``. Tiles are ``group x group`` tokens; where ``group`` does not
+    divide ``grid`` the last tile row and column are narrower."""
     if mode not in MODES:
         raise ConfigError(f"grat: mode must be one of {', '.join(MODES)}, got {mode!r}")
     rows = torch.arange(grid, device=device).repeat_interleave(grid) // group
