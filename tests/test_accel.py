@@ -248,3 +248,11 @@ def test_spec_roundtrip():
     assert p.interval == 4 and p.order == 2
     assert repr(build_policy(repr(p))) == repr(p)
     assert build_policy(None) is None and build_policy(p) is p
+
+
+def test_cli_rejects_bad_accel_spec_before_loading(tmp_path, capsys):
+    from flowdit.cli import main
+
+    rc = main(["sample", "--ckpt", str(tmp_path / "missing"), "--out", str(tmp_path / "x.png"),
+               "--accel", "fora:every=2"])
+    assert rc == 2 and "has no parameter 'every'; valid: interval, warmup, cfg" in capsys.readouterr().err

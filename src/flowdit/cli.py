@@ -80,6 +80,11 @@ def cmd_sample(args: argparse.Namespace) -> int:
         raise FlowditError(f"--num must be positive, got {args.num}")
     if args.steps <= 0:
         raise FlowditError(f"--steps must be positive, got {args.steps}")
+    accel = None
+    if args.accel:  # a bad spec fails before the checkpoint is read
+        from .accel import build_policy
+
+        accel = build_policy(args.accel)
     torch.manual_seed(args.seed)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model, meta = load_run_model(args.ckpt, use_ema=not args.no_ema)
@@ -95,11 +100,6 @@ def cmd_sample(args: argparse.Namespace) -> int:
     shift = args.shift
     if shift is None:
         shift = float(meta.get("config", {}).get("flow", {}).get("shift", 1.0))
-    accel = None
-    if args.accel:
-        from .accel import build_policy
-
-        accel = build_policy(args.accel)
     gen = generate(model, labels, shape, solver=args.solver, steps=args.steps, cfg_scale=args.cfg,
                    guidance_interval=_parse_interval(args.guidance_interval), shift=shift, seed=args.seed,
                    batch_size=args.batch_size, amp_dtype=autocast_dtype(args.precision, device),
