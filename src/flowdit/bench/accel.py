@@ -154,7 +154,7 @@ def plot(rows, path: Path) -> None:
     axes[0].set_xscale("log")
     axes[0].invert_xaxis()
     axes[1].legend(fontsize=6, loc="best")
-    fig.suptitle("Training-free acceleration: quality against compute (lower-left of the black curve wins)")
+    fig.suptitle("Training-free acceleration: FID against compute; points below the black curve beat running fewer steps")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 
@@ -209,7 +209,8 @@ def run(args: argparse.Namespace) -> Path:
             r["fewer_steps_fid_at_same_flops"] = at
             r["beats_fewer_steps"] = None if at is None else r["fid"] < at
 
-    cmd = "flowdit bench accel " + " ".join(sys.argv[2:] if sys.argv[1:2] == ["bench"] else sys.argv[1:])
+    argv = sys.argv[3:] if sys.argv[1:3] == ["bench", "accel"] else sys.argv[1:]
+    cmd = "flowdit bench accel " + " ".join(argv)
     mc = meta["model_config"]
     lines = [
         f"Model: `{args.run}` (width {mc['hidden_size']}, depth {mc['depth']}, patch {mc['patch_size']}); "
