@@ -13,10 +13,10 @@ added back.
 
 from __future__ import annotations
 
+from flowdit.errors import ConfigError
+
 from .base import BlockPolicyBase, _positive_int, step_of
 from .forecast import FORMS, build_forecaster
-
-from flowdit.errors import ConfigError
 
 
 class TaylorSeer(BlockPolicyBase):

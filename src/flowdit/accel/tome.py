@@ -11,6 +11,8 @@ not the output, is copied, so merged tokens keep their own residual stream.
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 
 from .base import BlockPolicyBase, _in_range, block_flops
@@ -18,7 +20,7 @@ from .base import BlockPolicyBase, _in_range, block_flops
 __all__ = ["ToMe", "bipartite_merge"]
 
 
-def bipartite_merge(x: torch.Tensor, r: int) -> tuple[torch.Tensor, callable]:
+def bipartite_merge(x: torch.Tensor, r: int) -> tuple[torch.Tensor, Callable[[torch.Tensor], torch.Tensor]]:
     """Merge ``r`` tokens of ``x [B, N, D]``; return ``(merged [B, N - r, D], unmerge)``.
 
     ``unmerge(y [B, N - r, D]) -> [B, N, D]`` gives every original token the row of the
