@@ -1,5 +1,5 @@
 """The ``flowdit`` command line: ``train``, ``sample``, ``eval``, ``evaluator train``,
-``invert``, ``edit``, ``restore``, ``reflow pairs``.
+``invert``, ``edit``, ``restore``, ``reflow pairs``, ``bench accel``.
 
 Every command takes ``--help``. Errors in arguments, configs, data or checkpoints are
 printed as one line naming the problem (``flowdit: error: ...``), exit status 2.
@@ -80,6 +80,11 @@ def cmd_sample(args: argparse.Namespace) -> int:
         raise FlowditError(f"--num must be positive, got {args.num}")
     if args.steps <= 0:
         raise FlowditError(f"--steps must be positive, got {args.steps}")
+    accel = None
+    if args.accel:  # a bad spec fails before the checkpoint is read
+        from .accel import build_policy
+
+        accel = build_policy(args.accel)
     torch.manual_seed(args.seed)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model, meta = load_run_model(args.ckpt, use_ema=not args.no_ema)
@@ -98,14 +103,19 @@ def cmd_sample(args: argparse.Namespace) -> int:
     gen = generate(model, labels, shape, solver=args.solver, steps=args.steps, cfg_scale=args.cfg,
                    guidance_interval=_parse_interval(args.guidance_interval), shift=shift, seed=args.seed,
                    batch_size=args.batch_size, amp_dtype=autocast_dtype(args.precision, device),
-                   device=device, progress=not args.no_progress, rtol=args.tol, atol=args.tol)
+                   device=device, progress=not args.no_progress, rtol=args.tol, atol=args.tol, accel=accel)
     out.parent.mkdir(parents=True, exist_ok=True)
     if out.suffix == ".png":
         nrow = args.num // len(classes) if classes and args.num % len(classes) == 0 else None
         save_grid_png(gen.images, out, nrow=nrow)
     else:
         save_npz(out, gen.images, gen.labels)
-    print(f"flowdit: wrote {len(labels)} samples to {out} (solver {args.solver}, NFE {gen.nfe}, cfg {args.cfg})")
+    note = ""
+    if accel is not None:
+        st = accel.stats
+        note = (f", accel {accel!r}: {st.full_calls}/{st.calls} model calls in full, "
+                f"{st.block_evals / max(st.calls, 1):.2f} of the block stack per call")
+    print(f"flowdit: wrote {len(labels)} samples to {out} (solver {args.solver}, NFE {gen.nfe}, cfg {args.cfg}{note})")
     return 0
 
 
@@ -416,6 +426,14 @@ def _edit_common(p: argparse.ArgumentParser, solver: str | None = "rf2", steps: 
     p.add_argument("--no-ema", action="store_true", help="use the raw training weights")
 
 
+def cmd_bench_accel(args: argparse.Namespace) -> int:
+    from .bench.accel import check, run
+
+    check(args)
+    run(args)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="flowdit", description="Rectified-flow diffusion transformers.")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -450,6 +468,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--no-ema", action="store_true", help="use the raw training weights")
     s.add_argument("--no-progress", action="store_true")
     s.add_argument("--out", required=True, help="output .png grid or .npz")
+    s.add_argument("--accel", help="training-free acceleration, e.g. taylorseer:interval=4,order=2 "
+                   "(see docs/acceleration.md; policies: none, fora, delta_dit, taylorseer, gated_taylor, "
+                   "fbcache, teacache, ras, tome, grat)")
     s.set_defaults(func=cmd_sample)
 
     e = sub.add_parser("eval", help="score samples: FID, precision/recall, class accuracy",
@@ -544,6 +565,16 @@ def build_parser() -> argparse.ArgumentParser:
     rs.add_argument("--degraded", help="also write the measurement (viewable) to this .png or .npz")
     rs.add_argument("--out", required=True, help="output .png grid or .npz")
     rs.set_defaults(func=cmd_restore)
+
+    from .bench.accel_args import add_arguments as bench_accel_arguments
+
+    b = sub.add_parser("bench", help="side-by-side measurements")
+    bsub = b.add_subparsers(dest="bench_command", required=True, metavar="BENCH")
+    ba = bsub.add_parser("accel", help="training-free acceleration against the uncached sampler and fewer steps",
+                         description="Run every block policy on one model, seeds and classes; write "
+                                     "JSON, a Markdown table and a Pareto plot (docs/acceleration.md).")
+    bench_accel_arguments(ba)
+    ba.set_defaults(func=cmd_bench_accel)
     return p
 
 

@@ -187,7 +187,11 @@ class DiT(nn.Module):
         """Velocity ``v_hat [B, C, H, W]`` at ``(x_t, t)`` for labels ``y`` (None: unconditional)."""
         tokens, c_act = self.embed(x, t, y)
         tokens = self.run_blocks(tokens, c_act, ctx)
-        return self.unpatchify(self.final_layer(tokens, c_act)).to(x.dtype)
+        v = self.unpatchify(self.final_layer(tokens, c_act)).to(x.dtype)
+        # Policies that update only some tokens (region-adaptive sampling) keep the last
+        # velocity of the others, which only exists after the output layer.
+        hook = getattr(getattr(ctx, "block_policy", None), "after_output", None)
+        return v if hook is None else hook(self, v, ctx)
 
     # -- extension points --------------------------------------------------------------
 

@@ -15,6 +15,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..utils.seeding import seeded_generator
+from .context import BlockPolicy, StepContext
 from .guidance import cfg_velocity
 from .sample import sample
 
@@ -55,6 +56,7 @@ def generate(
     first_index: int = 0,
     rtol: float = 1e-5,
     atol: float = 1e-5,
+    accel: Optional[BlockPolicy] = None,
 ) -> Generated:
     """Sample one image per label by integrating the model's ODE from noise (t = 1) to data.
 
@@ -66,7 +68,14 @@ def generate(
         cfg_scale, guidance_interval: classifier-free guidance (scale 1 = conditional only).
         seed, first_index: sample ``j`` uses the noise of index ``first_index + j``.
         amp_dtype: autocast dtype for the model (``None`` = fp32).
+        accel: a block policy (``flowdit.accel.build_policy("taylorseer:interval=4")``)
+            that decides per model call how the block stack runs. Its state is reset
+            for every batch, so a batch's result does not depend on earlier batches.
     """
+    if accel is not None and not callable(getattr(accel, "run", None)):
+        raise TypeError(
+            f"accel must be a block policy (flowdit.accel.build_policy(spec)), got {type(accel).__name__}"
+        )
     device = torch.device(device)
     model.eval()
     labels = torch.as_tensor(labels, dtype=torch.long)
@@ -78,13 +87,15 @@ def generate(
         idx = list(range(first_index + lo, first_index + min(n, lo + batch_size)))
         noise = indexed_noise(idx, shape, seed).to(device)
         y = labels[lo:lo + len(idx)].to(device)
-        fn = cfg_velocity(model, y, model.null_class, cfg_scale, interval=guidance_interval)
+        ctx = StepContext(block_policy=accel) if accel is not None else None
+        fn = cfg_velocity(model, y, model.null_class, cfg_scale, interval=guidance_interval, ctx=ctx)
 
         def velocity(x, t, fn=fn):
             with amp():
                 return fn(x, t).float()
 
-        res = sample(velocity, noise, solver=solver, steps=steps, shift=shift, rtol=rtol, atol=atol)
+        res = sample(velocity, noise, solver=solver, steps=steps, shift=shift, rtol=rtol, atol=atol,
+                     step_context=ctx)
         images.append(res.x.float().clamp(-1, 1).cpu())
         nfe = max(nfe, res.nfe)
         bar.update(len(idx))

@@ -10,6 +10,11 @@ run in one batched forward. Outside an optional guidance interval
 ``[t_lo, t_hi]`` (Kynkaanniemi et al. 2024, "Applying guidance in a limited interval
 improves sample and distribution quality", there in EDM sigma, here in t) or at
 ``scale == 1`` only the conditional branch runs, at half the cost.
+
+With a step context (``ctx``, see ``flowdit.sampling.context``) the model is called as
+``model(x, t, y, ctx=ctx)`` with ``ctx.branch`` set to ``"batched"``, ``"cond"`` or
+``"uncond"``; when ``ctx.cfg_mode == "split"`` the two branches run as two calls so
+that a block policy keeps separate state for each.
 """
 
 from __future__ import annotations
@@ -96,9 +101,11 @@ class GuidedVelocity:
         null: Cond,
         scale: float,
         interval: tuple[float, float] | None,
+        ctx: Any = None,
     ):
         self.model, self.y, self.null = model, y, null
         self.scale, self.interval = scale, interval
+        self.ctx = ctx
         self.counter = GuidanceCounter()
 
     @property
@@ -111,10 +118,13 @@ class GuidedVelocity:
         """Number of batch rows pushed through the model so far."""
         return self.counter.rows
 
-    def _run(self, x: Tensor, t: Tensor, y: Cond) -> Tensor:
+    def _run(self, x: Tensor, t: Tensor, y: Cond, branch: str = "cond") -> Tensor:
         self.counter.forwards += 1
         self.counter.rows += x.shape[0]
-        return self.model(x, t, y)
+        if self.ctx is None:
+            return self.model(x, t, y)
+        self.ctx.branch = branch
+        return self.model(x, t, y, ctx=self.ctx)
 
     def __call__(self, x: Tensor, t: Tensor) -> Tensor:
         b = x.shape[0]
@@ -130,8 +140,12 @@ class GuidedVelocity:
             self.counter.cond_only_calls += 1
             return self._run(x, t, self.y)
         self.counter.guided_calls += 1
-        v = self._run(torch.cat([x, x]), torch.cat([t, t]), _cat(self.y, self.null))
-        v_c, v_u = v[:b], v[b:]
+        if self.ctx is not None and self.ctx.cfg_mode == "split":
+            v_c = self._run(x, t, self.y, "cond")
+            v_u = self._run(x, t, self.null, "uncond")
+        else:
+            v = self._run(torch.cat([x, x]), torch.cat([t, t]), _cat(self.y, self.null), "batched")
+            v_c, v_u = v[:b], v[b:]
         guided = cfg_combine(v_c, v_u, self.scale)
         if bool(inside.all()):
             return guided
@@ -147,6 +161,7 @@ def cfg_velocity(
     null_label: Cond,
     scale: float,
     interval: tuple[float, float] | None = None,
+    ctx: Any = None,
 ) -> GuidedVelocity:
     """Wrap ``model(x, t, y) -> v`` as a classifier-free-guided velocity ``fn(x, t) -> v``.
 
@@ -158,6 +173,8 @@ def cfg_velocity(
         scale: guidance scale; 1 = no guidance (conditional only), 0 = unconditional.
         interval: optional ``(t_lo, t_hi)`` in [0, 1]; guidance applies only where
             ``t_lo <= t <= t_hi``, elsewhere the conditional branch runs alone.
+        ctx: optional step context passed to ``model(..., ctx=ctx)``; with
+            ``ctx.cfg_mode == "split"`` the two branches run as separate calls.
 
     Returns:
         a ``GuidedVelocity``; when guiding it calls ``model`` once on
@@ -177,7 +194,7 @@ def cfg_velocity(
             )
         interval = (lo, hi)
     null = _null_like(y, null_label)
-    return GuidedVelocity(model, y, null, float(scale), interval)
+    return GuidedVelocity(model, y, null, float(scale), interval, ctx)
 
 
 # The name used in the design notes; same function.

@@ -17,6 +17,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from flowdit.errors import ConfigError
+from flowdit.sampling.context import StepContext
 from flowdit.sampling.schedules import build_schedule, shifted
 from flowdit.sampling.solvers import SOLVERS, ModelFn, Solver, build_solver
 
@@ -46,13 +47,21 @@ class SampleResult:
 
 
 class CountingModelFn:
-    """Wraps ``model_fn(x, t)`` and counts its calls in ``.calls``."""
+    """Wraps ``model_fn(x, t)`` and counts its calls in ``.calls``.
 
-    def __init__(self, model_fn: ModelFn):
+    With a ``StepContext`` it also records, before each call, the call index
+    (``ctx.step``) and the time ``ctx.t`` of the call, so a block policy sees them.
+    """
+
+    def __init__(self, model_fn: ModelFn, ctx: StepContext | None = None):
         self.model_fn = model_fn
         self.calls = 0
+        self.ctx = ctx
 
     def __call__(self, x: Tensor, t: Tensor) -> Tensor:
+        if self.ctx is not None:
+            self.ctx.step = self.calls
+            self.ctx.t = float(torch.as_tensor(t).reshape(-1)[0])
         self.calls += 1
         return self.model_fn(x, t)
 
@@ -129,6 +138,7 @@ def sample(
     rtol: float = 1e-5,
     atol: float = 1e-5,
     grad: bool = False,
+    step_context: StepContext | None = None,
 ) -> SampleResult:
     """Integrate ``dx/dt = model_fn(x, t)`` from the first to the last grid time.
 
@@ -150,13 +160,16 @@ def sample(
         return_trajectory: also return the state at every grid time.
         rtol, atol: tolerances of adaptive methods.
         grad: keep autograd enabled (default runs under ``torch.no_grad()``).
+        step_context: the ``StepContext`` that ``model_fn`` hands to the model (see
+            ``flowdit.sampling.context``); the loop resets its policy at the start and
+            sets ``step``, ``solver_step`` and ``t`` before every model call.
 
     Returns:
         ``SampleResult(x, nfe, trajectory, times)``.
     """
     if not isinstance(noise, Tensor) or not noise.is_floating_point() or noise.dim() < 1:
         raise ConfigError(f"noise must be a floating tensor [B, ...], got {type(noise).__name__}")
-    counted = CountingModelFn(model_fn)
+    counted = CountingModelFn(model_fn, step_context)
     ctx = nullcontext() if grad else torch.no_grad()
 
     if isinstance(solver, str) and solver.strip().lower() in ADAPTIVE_METHODS:
@@ -165,6 +178,8 @@ def sample(
             grid = torch.tensor([1.0, 0.0], dtype=torch.float64)
         else:
             grid = _resolve_grid(None, schedule, shift)
+        if step_context is not None:
+            step_context.begin(None, None)
         with ctx:
             states = _odeint(counted, noise, grid, method, rtol, atol)
         return SampleResult(
@@ -186,8 +201,14 @@ def sample(
     trajectory = [x] if return_trajectory else None
     state = None
     name = getattr(step_solver, "name", type(step_solver).__name__)
+    if step_context is not None:
+        per_step = getattr(step_solver, "nfe_per_step", None)
+        n_steps = len(ts) - 1
+        step_context.begin(per_step * n_steps if per_step else None, n_steps)
     with ctx:
         for i in tqdm(range(len(ts) - 1), desc=f"sampling ({name})", disable=not progress):
+            if step_context is not None:
+                step_context.solver_step = i
             x, state = step_solver.step(counted, x, ts[i], ts[i + 1], state)
             if trajectory is not None:
                 trajectory.append(x)

@@ -1,0 +1,32 @@
+"""Training-free acceleration of DiT sampling: block policies and attention processors.
+
+A block policy decides, per model call, how the transformer block stack runs (all
+blocks, a cached residual, a Taylor forecast, some blocks, some tokens). Build one from
+a spec and pass it to ``generate(..., accel=policy)`` or ``flowdit sample --accel SPEC``::
+
+    from flowdit.accel import build_policy
+    policy = build_policy("taylorseer:interval=4,order=2")
+
+See ``docs/acceleration.md``.
+"""
+
+from flowdit.sampling.context import BlockPolicy, StepContext
+
+from .base import BlockPolicyBase, FullCompute, PolicyStats, block_flops
+from .delta_dit import DeltaDiT
+from .first_block_cache import FirstBlockCache, TeaCache, calibrate_teacache
+from .forecast import NewtonForecaster, TaylorForecaster
+from .fora import FORA
+from .gated_taylor import GatedTaylor
+from .grouped_attention import GroupedAttention, GroupedAttentionProcessor, group_mask
+from .ras import RAS, KVCacheProcessor
+from .registry import POLICIES, build_policy, parse_spec, policy_keys
+from .taylorseer import TaylorSeer
+from .tome import ToMe, bipartite_merge
+
+__all__ = [
+    "BlockPolicy", "StepContext", "BlockPolicyBase", "FullCompute", "PolicyStats", "block_flops",
+    "FORA", "DeltaDiT", "TaylorSeer", "GatedTaylor", "FirstBlockCache", "TeaCache", "calibrate_teacache",
+    "RAS", "KVCacheProcessor", "ToMe", "bipartite_merge", "GroupedAttention", "GroupedAttentionProcessor",
+    "group_mask", "TaylorForecaster", "NewtonForecaster", "POLICIES", "build_policy", "parse_spec", "policy_keys",
+]

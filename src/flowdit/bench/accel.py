@@ -1,0 +1,256 @@
+"""``flowdit bench accel``: every block policy against the uncached sampler and against
+simply running fewer solver steps, on the same model, seeds and classes.
+
+For each method (a policy spec) the benchmark samples ``--num`` images per seed with
+the given solver, steps and guidance, and reports:
+
+* wall-clock speedup: the uncached sampler's seconds divided by the method's, both
+  measured in this run (the uncached sampler is timed first and last; the table gives
+  both so that machine noise is visible, and the speedup uses their mean);
+* compute: block FLOPs per image actually run (blocks that ran, on the tokens that ran)
+  and the equivalent NFE (the uncached NFE times the FLOPs ratio);
+* quality: FID and class accuracy from ``flowdit.evaluate.evaluate_samples``; PSNR and
+  SSIM against the uncached output of the same seeds (``flowdit.eval.pixel``);
+* memory: bytes held in the policy's caches after a batch, and the peak CUDA memory
+  when sampling on a GPU.
+
+The honest baseline -- the uncached sampler with fewer steps (``--fewer-steps``) -- is
+run too; each method is compared with that curve at the same FLOPs (linear
+interpolation; "n/a" outside its range). Results go to
+``<out-dir>/<name>.{json,md,png}``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from flowdit.accel import FullCompute, TeaCache, build_policy, calibrate_teacache
+from flowdit.errors import FlowditError
+
+from .accel_args import DEFAULT_METHODS, add_arguments  # noqa: F401  (re-exported)
+
+def machine_info() -> dict:
+    """CPU, cores, torch build, CUDA device, load average at the start, commit."""
+    cpu = platform.processor() or "unknown"
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                cwd=Path(__file__).parent).stdout.strip() or "unknown"
+    except OSError:
+        commit = "unknown"
+    return {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+            "torch": torch.__version__,
+            "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+            "load_average": os.getloadavg(), "commit": commit}
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _sample(model, meta, labels, seed, policy, args, steps, device):
+    from flowdit.sampling.generate import generate
+
+    shape = tuple(meta["data"]["shape"])
+    shift = float(meta["config"]["flow"].get("shift", 1.0))
+    return generate(model, labels, shape, solver=args.solver, steps=steps, cfg_scale=args.cfg, shift=shift,
+                    seed=seed, batch_size=args.batch_size, device=device, accel=policy)
+
+
+def measure(model, meta, labels, seeds, spec, args, steps, device, reference=None) -> dict:
+    """Sample every seed with one policy (or the uncached sampler); time and count it.
+
+    Returns a row with images kept under ``"_images"`` (per seed) for the quality pass.
+    """
+    policy = build_policy(spec) if spec else FullCompute()
+    if isinstance(policy, TeaCache) and not policy.coeffs:
+        calibrate_teacache(policy, lambda: _sample(model, meta, labels[:1], seeds[0], policy, args, steps, device))
+    policy.reset_stats()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    images, secs, state, nfe = [], 0.0, 0, 0
+    for s in seeds:
+        _sync(device)
+        t0 = time.perf_counter()
+        gen = _sample(model, meta, labels, s, policy, args, steps, device)
+        _sync(device)
+        secs += time.perf_counter() - t0
+        images.append(gen.images)
+        nfe = gen.nfe
+        state = max(state, policy.state_bytes())
+    n = len(labels) * len(seeds)
+    row = {"method": spec or "uncached", "policy": repr(policy), "steps": steps, "nfe": nfe,
+           "seconds": secs, "gflops_per_image": policy.stats.flops / n / 1e9,
+           "model_calls": policy.stats.calls, "full_calls": policy.stats.full_calls,
+           "cache_mb": state / 2**20,
+           "peak_cuda_mb": torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None,
+           "_images": images}
+    return row
+
+
+def quality(row, labels, seeds, dataset, root, reference) -> None:
+    """Add FID, class accuracy, PSNR and SSIM (means over seeds) to ``row``."""
+    from flowdit.eval.pixel import psnr, ssim
+    from flowdit.evaluate import evaluate_samples
+
+    fid, acc, ps, ss = [], [], [], []
+    for i, (s, img) in enumerate(zip(seeds, row.pop("_images"))):
+        r = evaluate_samples(img, labels, dataset, root=root, seed=s)
+        fid.append(r["fid"])
+        acc.append(r["class_accuracy"])
+        if reference is not None:
+            p = psnr(img, reference[i])
+            ps.append(float(p.clamp(max=100.0).mean()))
+            ss.append(float(ssim(img, reference[i]).mean()))
+    row["fid"] = statistics.fmean(fid)
+    row["fid_std"] = statistics.stdev(fid) if len(fid) > 1 else 0.0
+    row["class_accuracy"] = statistics.fmean(acc)
+    row["psnr"] = statistics.fmean(ps) if ps else None
+    row["ssim"] = statistics.fmean(ss) if ss else None
+
+
+def _interp(x: float, pts: list[tuple[float, float]]) -> float | None:
+    pts = sorted(pts)
+    for (x0, y0), (x1, y1) in zip(pts, pts[1:]):
+        if x0 <= x <= x1:
+            return y0 if x1 == x0 else y0 + (y1 - y0) * (x - x0) / (x1 - x0)
+    return None
+
+
+def plot(rows, path: Path) -> None:
+    """Pareto plot: FID against block GFLOPs per image, and against the wall-clock speedup."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.6))
+    base = sorted((r for r in rows if r["kind"] != "cache"), key=lambda r: r["gflops_per_image"])
+    caches = [r for r in rows if r["kind"] == "cache"]
+    for ax, key, label in ((axes[0], "gflops_per_image", "block GFLOPs / image"),
+                           (axes[1], "speedup", "wall-clock speedup vs uncached")):
+        ax.plot([r[key] for r in base], [r["fid"] for r in base], "k-o", ms=4, label="uncached, fewer steps")
+        for i, r in enumerate(caches):
+            ax.plot(r[key], r["fid"], marker="os^Dv<>p*hX"[i % 11], ls="", color=f"C{i % 10}", label=r["method"])
+        ax.set(xlabel=label, ylabel="FID (evaluator features)")
+        ax.grid(alpha=0.3)
+    axes[0].set_xscale("log")
+    axes[0].invert_xaxis()
+    axes[1].legend(fontsize=6, loc="best")
+    fig.suptitle("Training-free acceleration: FID against compute; points below the black curve beat running fewer steps")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def run(args: argparse.Namespace) -> Path:
+    """Run the benchmark described by parsed ``args``; returns the Markdown path."""
+    from flowdit.train.outputs import balanced_labels
+    from flowdit.train.run import load_run_model
+
+    torch.manual_seed(0)
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    model, meta = load_run_model(args.run)
+    model.to(device)
+    dataset, root = meta["config"]["data"]["dataset"], meta["config"]["data"].get("root")
+    seeds = [int(s) for s in str(args.seeds).split(",")]
+    labels = balanced_labels(model.num_classes, args.num)
+    specs = [s.strip() for s in args.methods.split(";") if s.strip()]
+    for spec in specs:  # fail on a bad spec before any sampling
+        build_policy(spec)
+    fewer = sorted({int(s) for s in args.fewer_steps.split(",") if s.strip()} - {args.steps})
+    info = machine_info()
+    t_start = time.perf_counter()
+
+    ref = measure(model, meta, labels, seeds, None, args, args.steps, device)
+    reference = list(ref["_images"])
+    ref["kind"] = "reference"
+    rows = [ref]
+    print(f"uncached {args.solver} x{args.steps}: {ref['seconds']:.2f} s", flush=True)
+    for steps in fewer:
+        r = measure(model, meta, labels, seeds, None, args, steps, device)
+        r["kind"], r["method"] = "fewer_steps", f"uncached, {steps} steps"
+        rows.append(r)
+        print(f"{r['method']}: {r['seconds']:.2f} s", flush=True)
+    for spec in specs:
+        r = measure(model, meta, labels, seeds, spec, args, args.steps, device)
+        r["kind"] = "cache"
+        rows.append(r)
+        print(f"{spec}: {r['seconds']:.2f} s, {r['full_calls']}/{r['model_calls']} full calls", flush=True)
+    again = measure(model, meta, labels, seeds, None, args, args.steps, device)
+    again.pop("_images")
+    base_secs = (ref["seconds"] + again["seconds"]) / 2
+
+    for r in rows:
+        quality(r, labels, seeds, dataset, root, reference)
+        r["speedup"] = base_secs / r["seconds"]
+        r["flops_ratio"] = r["gflops_per_image"] / ref["gflops_per_image"]
+        r["nfe_equivalent"] = ref["nfe"] * r["flops_ratio"]
+    curve = [(r["gflops_per_image"], r["fid"]) for r in rows if r["kind"] != "cache"]
+    for r in rows:
+        if r["kind"] == "cache":
+            at = _interp(r["gflops_per_image"], curve)
+            r["fewer_steps_fid_at_same_flops"] = at
+            r["beats_fewer_steps"] = None if at is None else r["fid"] < at
+
+    argv = sys.argv[3:] if sys.argv[1:3] == ["bench", "accel"] else sys.argv[1:]
+    cmd = "flowdit bench accel " + " ".join(argv)
+    mc = meta["model_config"]
+    lines = [
+        f"Model: `{args.run}` (width {mc['hidden_size']}, depth {mc['depth']}, patch {mc['patch_size']}); "
+        f"{args.solver}, {args.steps} steps, CFG {args.cfg:g}; {args.num} samples per seed, seeds {args.seeds}; "
+        f"FID on the evaluator's features against the {dataset} training set; PSNR/SSIM against the uncached "
+        "output of the same seeds.",
+        f"Machine: {info['cpu']}, {info['cores']} cores, torch {info['torch']}"
+        + (f", {info['cuda']}" if info["cuda"] else "")
+        + f", load average at start {info['load_average'][0]:.2f}, commit {info['commit']}, "
+        f"{time.perf_counter() - t_start:.0f} s in all. Uncached sampler timed first ({ref['seconds']:.2f} s) and last "
+        f"({again['seconds']:.2f} s); speedups use the mean.",
+        f"Command: `{cmd}`", "",
+        "| method | steps | NFE | NFE-equiv. (FLOPs) | block GFLOPs / img | speedup | FID | class acc. % | "
+        "PSNR dB | SSIM | full / all calls | cache MB | FID of fewer steps at same FLOPs | beats it? |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for r in rows:
+        at = r.get("fewer_steps_fid_at_same_flops")
+        beats = {None: "n/a" if r["kind"] == "cache" else "", True: "yes", False: "no"}[r.get("beats_fewer_steps")]
+        fid = f"{r['fid']:.2f}" + (f" ± {r['fid_std']:.2f}" if len(seeds) > 1 else "")
+        lines.append(
+            f"| {r['method']} | {r['steps']} | {r['nfe']} | {r['nfe_equivalent']:.1f} | {r['gflops_per_image']:.4f} | "
+            f"{r['speedup']:.2f}x | {fid} | {100 * r['class_accuracy']:.1f} | "
+            f"{'inf' if r['psnr'] is not None and r['psnr'] >= 100 else format(r['psnr'], '.1f')} | {r['ssim']:.3f} | "
+            f"{r['full_calls']}/{r['model_calls']} | {r['cache_mb']:.2f} | {'' if at is None else format(at, '.2f')} | "
+            f"{beats} |")
+    out = Path(args.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    payload = {"machine": info, "command": cmd, "baseline_seconds": [ref["seconds"], again["seconds"]],
+               "rows": rows}
+    (out / f"{args.name}.json").write_text(json.dumps(payload, indent=2) + "\n")
+    md = out / f"{args.name}.md"
+    md.write_text("\n".join(lines) + "\n")
+    plot(rows, md.with_suffix(".png"))
+    print("\n".join(lines))
+    print(f"\nwrote {md}, {md.with_suffix('.json')} and {md.with_suffix('.png')}")
+    return md
+
+
+def check(args: argparse.Namespace) -> None:
+    """Reject bad numeric options before loading anything."""
+    if args.num <= 0 or args.steps <= 0 or args.batch_size <= 0:
+        raise FlowditError("--num, --steps and --batch-size must be positive")

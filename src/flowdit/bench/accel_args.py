@@ -1,0 +1,29 @@
+"""Options of ``flowdit bench accel`` (kept free of heavy imports so that building the
+command-line parser stays fast)."""
+
+from __future__ import annotations
+
+import argparse
+
+DEFAULT_METHODS = (
+    "fora:interval=2;fora:interval=3;delta_dit:interval=2,blocks=2;taylorseer:interval=3,order=1;"
+    "taylorseer:interval=4,order=2;taylorseer:interval=4,order=2,form=newton;gated_taylor:threshold=0.1,order=1;gated_taylor:threshold=0.2,order=1;"
+    "fbcache:threshold=0.08;fbcache:threshold=0.15;teacache:threshold=0.1;teacache:threshold=0.3;"
+    "ras:ratio=0.5,full_every=4;ras:ratio=0.25,full_every=4;tome:ratio=0.3;grat:group=2,mode=criss"
+)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """The options of ``flowdit bench accel``."""
+    p.add_argument("--run", required=True, help="run directory of the model")
+    p.add_argument("--num", type=int, default=1000, help="samples per seed")
+    p.add_argument("--seeds", default="0", help="comma-separated seeds")
+    p.add_argument("--solver", default="heun")
+    p.add_argument("--steps", type=int, default=16, help="solver steps of the uncached reference and of the caches")
+    p.add_argument("--cfg", type=float, default=1.5)
+    p.add_argument("--methods", default=DEFAULT_METHODS, help="policy specs separated by ';'")
+    p.add_argument("--fewer-steps", default="1,2,3,4,5,6,8,10,12", help="step counts of the fewer-steps baseline")
+    p.add_argument("--batch-size", type=int, default=500)
+    p.add_argument("--device", help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--out-dir", default="benchmarks/results")
+    p.add_argument("--name", default="accel", help="result file name")

@@ -1,0 +1,258 @@
+"""Block policies: exactness at full-compute settings, forecasts, state, parser errors."""
+
+from __future__ import annotations
+
+import types
+
+import pytest
+import torch
+from torch import nn
+
+from flowdit.accel import (
+    RAS,
+    NewtonForecaster,
+    TaylorForecaster,
+    bipartite_merge,
+    build_policy,
+    group_mask,
+    parse_spec,
+)
+from flowdit.accel.base import BlockPolicyBase
+from flowdit.errors import ConfigError
+from flowdit.models.registry import build_model
+from flowdit.sampling.context import StepContext
+from flowdit.sampling.generate import generate
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    m = build_model("DiT-tiny", input_size=8, in_channels=1, num_classes=3)
+    # adaLN-Zero makes a fresh DiT the identity map; random weights give every block work.
+    with torch.no_grad():
+        for p in m.parameters():
+            p.add_(0.2 * torch.randn_like(p))
+    return m.eval()
+
+
+LABELS = torch.tensor([0, 1, 2, 0])
+
+
+def run(model, accel=None, solver="heun", steps=5, cfg=2.0, **kw):
+    return generate(model, LABELS, (1, 8, 8), solver=solver, steps=steps, cfg_scale=cfg, seed=3,
+                    accel=accel, **kw).images
+
+
+FULL_SPECS = [
+    "none", "fora:interval=1", "delta_dit:interval=1,blocks=1", "taylorseer:interval=1,order=2",
+    "taylorseer:interval=1,order=2,form=newton", "gated_taylor:threshold=0", "fbcache:threshold=0",
+    "teacache:threshold=0", "ras:full_every=1", "tome:ratio=0",
+]
+
+
+@pytest.mark.parametrize("spec", FULL_SPECS)
+@pytest.mark.parametrize("cfg_mode", ["batched", "split"])
+def test_full_compute_settings_reproduce_uncached(model, spec, cfg_mode):
+    ref = run(model)
+    sep = "," if ":" in spec else ":"
+    out = run(model, build_policy(f"{spec}{sep}cfg={cfg_mode}"))
+    if cfg_mode == "batched":
+        assert torch.equal(out, ref)
+    else:  # the two branches run as two batches: same math, possibly other kernels' rounding
+        torch.testing.assert_close(out, ref, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("solver", ["euler", "rf3"])
+def test_full_compute_with_other_solvers(model, solver):
+    ref = run(model, solver=solver, steps=3)
+    assert torch.equal(run(model, build_policy("taylorseer:interval=1"), solver=solver, steps=3), ref)
+
+
+def test_grouped_attention_one_group_is_full_attention(model):
+    ref = run(model)
+    torch.testing.assert_close(run(model, build_policy("grat:group=4,mode=local")), ref, atol=1e-5, rtol=0)
+    m = group_mask(4, 2, "criss")
+    assert m.shape == (16, 16) and m.all(dim=1).logical_not().all() and m.diagonal().all()
+
+
+def test_ras_all_tokens_selected_equals_uncached(model):
+    ref = run(model)
+    policy = RAS(ratio=1.0, full_every=100, warmup=1)
+    out = run(model, policy)
+    # ratio 1 goes through the partial path: gathered tokens, cached K/V, merged velocity.
+    assert policy.stats.full_calls < policy.stats.calls
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=0)
+    half = RAS(ratio=0.5, full_every=4, warmup=1)
+    out_half = run(model, half)
+    assert not torch.equal(out_half, ref)
+    assert half.stats.block_evals < half.stats.calls
+
+
+def test_tome_merge_unmerge_roundtrip():
+    x = torch.randn(2, 16, 8)
+    merged, unmerge = bipartite_merge(x, 0)
+    assert torch.equal(unmerge(merged).sort(dim=1).values, x.sort(dim=1).values)
+    merged, unmerge = bipartite_merge(x, 5)
+    assert merged.shape == (2, 11, 8) and unmerge(merged).shape == x.shape
+
+
+def test_caches_skip_work(model):
+    ref = run(model)
+    for spec in ("fora:interval=3", "taylorseer:interval=3,order=1", "delta_dit:interval=2,blocks=1",
+                 "fbcache:threshold=10", "teacache:threshold=10", "gated_taylor:threshold=10,order=1"):
+        policy = build_policy(spec)
+        out = run(model, policy)
+        assert policy.stats.block_evals < policy.stats.calls, spec
+        assert torch.isfinite(out).all() and not torch.equal(out, ref), spec
+
+
+# -- forecasts --------------------------------------------------------------------------
+
+
+def test_taylor_paper_form_exact_for_linear_features():
+    a, b = torch.randn(3, 4), torch.randn(3, 4)
+    for order in (1, 2, 3):
+        fc = TaylorForecaster(order)
+        for s in (0, 2, 3, 7):  # uneven spacing
+            fc.update(s, a + b * s)
+        for s in (8, 9.5, 12):
+            torch.testing.assert_close(fc.predict(s), a + b * s, atol=1e-5, rtol=1e-5)
+
+
+def test_taylor_paper_form_is_not_exact_for_quadratics():
+    fc = TaylorForecaster(2)
+    for s in (0, 1, 2):
+        fc.update(s, torch.tensor([float(s * s)]))
+    assert abs(float(fc.predict(4)) - 16.0) > 0.5
+
+
+def test_newton_form_exact_for_polynomials_up_to_its_order():
+    c = torch.randn(4, 5)
+    for order in (1, 2, 3):
+        f = lambda s: sum(c[i] * s**i for i in range(order + 1))  # noqa: E731
+        fc = NewtonForecaster(order)
+        for s in (0, 1, 3, 4, 6):
+            fc.update(s, f(s))
+        for s in (7, 9, 10.5):
+            torch.testing.assert_close(fc.predict(s), f(s), atol=1e-3, rtol=1e-4)
+
+
+class _StepBlock(nn.Module):
+    """A block whose residual is a polynomial in the model-call index."""
+
+    def __init__(self, coeffs):
+        super().__init__()
+        self.coeffs = coeffs
+
+    def forward(self, x, c_act, ctx):
+        s = ctx.step
+        return x + sum(c * s**i for i, c in enumerate(self.coeffs))
+
+
+def _fake_model(coeffs):
+    cfg = types.SimpleNamespace(hidden_size=4, mlp_ratio=4.0)
+    return types.SimpleNamespace(blocks=nn.ModuleList([_StepBlock(coeffs), _StepBlock(coeffs)]), config=cfg)
+
+
+@pytest.mark.parametrize("spec,coeffs", [
+    ("taylorseer:interval=3,order=1", [torch.randn(1, 2, 4), torch.randn(1, 2, 4)]),
+    ("taylorseer:interval=3,order=2,form=newton", [torch.randn(1, 2, 4), torch.randn(1, 2, 4), torch.randn(1, 2, 4)]),
+])
+def test_taylorseer_policy_forecast_is_exact_where_its_form_is(spec, coeffs):
+    model = _fake_model(coeffs)
+    policy = build_policy(spec)
+    policy.reset()
+    ctx = StepContext(block_policy=policy)
+    x = torch.randn(1, 2, 4)
+    for s in range(12):
+        ctx.step = s
+        want = x + 2 * sum(c * s**i for i, c in enumerate(coeffs))
+        torch.testing.assert_close(policy.run(model, x, None, ctx), want, atol=1e-4, rtol=1e-4)
+    assert policy.stats.full_calls < 12
+
+
+# -- state -------------------------------------------------------------------------------
+
+
+class _Spy(BlockPolicyBase):
+    name = "spy"
+
+    def decide_and_run(self, model, tokens, c_act, ctx, st):
+        st.setdefault("rows", set()).add(tokens.shape[0])
+        st["calls"] = st.get("calls", 0) + 1
+        return super().decide_and_run(model, tokens, c_act, ctx, st)
+
+
+def test_state_reset_between_sampling_calls(model):
+    policy = build_policy("taylorseer:interval=3,order=2")
+    first = run(model, policy)
+    calls = policy.stats.calls
+    second = run(model, policy)
+    # statistics accumulate over calls; the cached features do not
+    assert torch.equal(first, second) and policy.stats.calls == 2 * calls
+    assert torch.equal(run(model, build_policy("taylorseer:interval=3,order=2")), first)
+
+
+def test_state_kept_apart_between_cfg_branches(model):
+    split, batched = _Spy(cfg="split"), _Spy(cfg="batched")
+    run(model, split, steps=3)
+    assert set(split._states) == {"cond", "uncond"}
+    assert split._states["cond"] is not split._states["uncond"]
+    assert split._states["cond"]["rows"] == {4} and split._states["cond"]["calls"] == 6
+    run(model, batched, steps=3)
+    assert set(batched._states) == {"batched"} and batched._states["batched"]["rows"] == {8}
+    # Split branches of a cache differ from the batched state but both stay close to
+    # the reference, and each branch keeps its own forecaster.
+    ts = build_policy("taylorseer:interval=2,order=1,cfg=split")
+    run(model, ts)
+    fc = ts._states["cond"]["forecaster"], ts._states["uncond"]["forecaster"]
+    assert fc[0] is not fc[1] and not torch.equal(fc[0].factors[0], fc[1].factors[0])
+
+
+def test_batched_state_follows_batch_size(model):
+    # a guidance interval switches between 2B-row and B-row calls: states must not mix
+    policy = build_policy("fora:interval=2")
+    out = run(model, policy, guidance_interval=(0.3, 0.7), steps=6)
+    assert torch.isfinite(out).all() and {"cond", "batched"} <= set(policy._states)
+
+
+def test_context_without_policy_runs_all_blocks(model):
+    x, t, y = torch.randn(2, 1, 8, 8), torch.rand(2), torch.tensor([0, 1])
+    ref = model(x, t, y)
+    assert torch.equal(model(x, t, y, ctx=types.SimpleNamespace(anything=1)), ref)
+    assert torch.equal(model(x, t, y, ctx=StepContext()), ref)
+
+
+# -- spec parser -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("spec,msg", [
+    ("taylorsear:interval=4", "unknown accel policy 'taylorsear'; valid: none, fora"),
+    ("taylorseer:intervl=4", "has no parameter 'intervl'; valid: interval, order"),
+    ("taylorseer:interval", "expected key=value"),
+    ("taylorseer:interval=0", "interval must be an integer >= 1"),
+    ("taylorseer:interval=2.5", "interval must be an integer >= 1"),
+    ("taylorseer:form=cubic", "form must be one of paper, newton"),
+    ("fora:interval=2,interval=3", "given twice"),
+    ("ras:ratio=1.5", "ratio must lie in"),
+    ("fora:cfg=both", "cfg must be one of batched, split"),
+    ("", "non-empty"),
+])
+def test_spec_errors(spec, msg):
+    with pytest.raises(ConfigError, match=msg.replace("(", r"\(").replace(".", r"\.")):
+        build_policy(spec) if spec else parse_spec(spec)
+
+
+def test_spec_roundtrip():
+    p = build_policy("taylorseer:interval=4,order=2")
+    assert p.interval == 4 and p.order == 2
+    assert repr(build_policy(repr(p))) == repr(p)
+    assert build_policy(None) is None and build_policy(p) is p
+
+
+def test_cli_rejects_bad_accel_spec_before_loading(tmp_path, capsys):
+    from flowdit.cli import main
+
+    rc = main(["sample", "--ckpt", str(tmp_path / "missing"), "--out", str(tmp_path / "x.png"),
+               "--accel", "fora:every=2"])
+    assert rc == 2 and "has no parameter 'every'; valid: interval, warmup, cfg" in capsys.readouterr().err
