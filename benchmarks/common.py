@@ -3,41 +3,14 @@
 from __future__ import annotations
 
 import json
-import os
-import platform
-import subprocess
 import time
 from pathlib import Path
 
 import torch
 
+from flowdit.bench.machine import machine_info  # noqa: F401  (re-exported to the scripts)
+
 RESULTS = Path(__file__).parent / "results"
-
-
-def machine_info() -> dict:
-    """What ran the benchmark: CPU, cores, torch build, load average at the start."""
-    cpu = platform.processor() or "unknown"
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                                cwd=Path(__file__).parent).stdout.strip() or "unknown"
-    except OSError:
-        commit = "unknown"
-    return {
-        "cpu": cpu,
-        "cores": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "torch": torch.__version__,
-        "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
-        "load_average": os.getloadavg(),
-        "commit": commit,
-    }
 
 
 def timed(fn, repeats: int, warmup: int = 1) -> list[float]:

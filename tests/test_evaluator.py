@@ -11,7 +11,8 @@ import torch
 from flowdit.cli import main
 from flowdit.data import load_digits, load_mnist
 from flowdit.errors import CheckpointError, DataError
-from flowdit.eval.evaluator import WEIGHTS_DIR, accuracy, load_classifier, read_manifest, sha256_file
+from flowdit.eval.evaluator import WEIGHTS_DIR, accuracy, load_classifier, read_manifest
+from flowdit.utils.files import sha256_file
 from flowdit.evaluate import evaluate_samples
 from flowdit.utils.images import save_npz
 

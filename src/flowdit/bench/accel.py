@@ -24,10 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -38,26 +35,8 @@ from flowdit.accel import FullCompute, TeaCache, build_policy, calibrate_teacach
 from flowdit.errors import FlowditError
 
 from .accel_args import DEFAULT_METHODS, add_arguments  # noqa: F401  (re-exported)
+from .machine import machine_info
 
-def machine_info() -> dict:
-    """CPU, cores, torch build, CUDA device, load average at the start, commit."""
-    cpu = platform.processor() or "unknown"
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                                cwd=Path(__file__).parent).stdout.strip() or "unknown"
-    except OSError:
-        commit = "unknown"
-    return {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-            "torch": torch.__version__,
-            "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
-            "load_average": os.getloadavg(), "commit": commit}
 
 
 def _sync(device: torch.device) -> None:

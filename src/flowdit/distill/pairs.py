@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 
 from ..errors import ConfigError, DataError
 from ..sampling.generate import indexed_noise
-from ..utils.images import atomic_write
+from ..utils.files import atomic_write, sha256_file
 
 __all__ = ["Pairs", "write_pairs", "load_pairs", "model_sampler"]
 
@@ -52,14 +52,6 @@ class Pairs:
         return len(self.noise)
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _write_text(path: Path, text: str) -> None:
     atomic_write(path, lambda f: f.write(text.encode()))
 
@@ -70,7 +62,7 @@ def _shard_done(out: Path, s: int) -> bool:
     if not (data.exists() and side.exists()):
         return False
     try:
-        return json.loads(side.read_text())["sha256"] == _sha256(data)
+        return json.loads(side.read_text())["sha256"] == sha256_file(data)
     except (json.JSONDecodeError, KeyError, OSError):
         return False
 
@@ -138,7 +130,7 @@ def write_pairs(
             tensors["label"] = index % num_classes
         data = out / f"shard_{s:05d}.safetensors"
         atomic_write(data, lambda f: f.write(st_save(tensors)))
-        _write_text(out / f"shard_{s:05d}.json", json.dumps({"count": hi - lo, "sha256": _sha256(data)}) + "\n")
+        _write_text(out / f"shard_{s:05d}.json", json.dumps({"count": hi - lo, "sha256": sha256_file(data)}) + "\n")
     bar.close()
 
     if rank == 0 and all(_shard_done(out, s) for s in range(n_shards)):

@@ -8,7 +8,6 @@ verifies the checksum, so a corrupted or hand-edited file is refused.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import time
@@ -21,20 +20,13 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from ..errors import CheckpointError, DataError
+from ..utils.files import sha256_file
 from .networks import NETWORKS
 
 WEIGHTS_DIR = Path(__file__).parent / "weights"
 
 # Each kind is trained with its own seed and data order: independent networks.
 DEFAULT_SEEDS = {"evaluator": 1234, "guide": 98765}
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _translate(x: torch.Tensor, max_shift: int, g: torch.Generator) -> torch.Tensor:

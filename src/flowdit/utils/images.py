@@ -3,11 +3,8 @@
 from __future__ import annotations
 
 import math
-import os
-import secrets
 import zipfile
 from pathlib import Path
-from typing import Callable, IO
 
 import numpy as np
 import torch
@@ -15,6 +12,7 @@ from PIL import Image
 
 from flowdit.data.base import to_float, to_uint8
 from flowdit.errors import DataError
+from flowdit.utils.files import atomic_write
 
 __all__ = ["make_grid", "save_grid_png", "save_npz", "load_npz", "default_upscale"]
 
@@ -187,18 +185,3 @@ def load_npz(path: str | Path) -> tuple[torch.Tensor, torch.Tensor | None]:
             f"got {labels.dtype} of shape {labels.shape}"
         )
     return images, torch.from_numpy(labels.astype(np.int64))
-
-
-def atomic_write(path: Path, write: Callable[[IO[bytes]], None]) -> Path:
-    # Write beside the target then rename, so a crash or a reader never sees half a file.
-    # (Not tempfile.mkstemp: its 0600 mode would survive the rename.)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
-    try:
-        with open(tmp, "xb") as f:
-            write(f)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
