@@ -256,3 +256,28 @@ def test_cli_rejects_bad_accel_spec_before_loading(tmp_path, capsys):
     rc = main(["sample", "--ckpt", str(tmp_path / "missing"), "--out", str(tmp_path / "x.png"),
                "--accel", "fora:every=2"])
     assert rc == 2 and "has no parameter 'every'; valid: interval, warmup, cfg" in capsys.readouterr().err
+
+
+def test_bench_accel_writes_table_json_and_plot(tmp_path, monkeypatch):
+    """End to end on a two-step digits run: every row is present and the baseline columns
+    are filled from the fewer-steps curve."""
+    import json
+
+    from flowdit.cli import main
+
+    monkeypatch.setenv("FLOWDIT_CACHE", str(tmp_path / "cache"))
+    tiny = ["data.dataset=digits", "model.name=DiT-tiny", "train.batch_size=16", "train.precision=fp32",
+            "optim.warmup_steps=1", "train.steps=2", "train.ckpt_every=2"]
+    assert main(["train", "--no-progress", "--no-outputs", *tiny, f"out_dir={tmp_path}", "name=r"]) == 0
+    assert main(["bench", "accel", "--run", str(tmp_path / "r"), "--num", "20", "--seeds", "0,1", "--solver", "euler",
+                 "--steps", "6", "--fewer-steps", "2,3", "--methods", "fora:interval=2;taylorseer:interval=3,order=1",
+                 "--out-dir", str(tmp_path / "res"), "--name", "a", "--device", "cpu"]) == 0
+    rows = json.loads((tmp_path / "res" / "a.json").read_text())["rows"]
+    assert [r["method"] for r in rows] == ["uncached", "uncached, 2 steps", "uncached, 3 steps",
+                                           "fora:interval=2", "taylorseer:interval=3,order=1"]
+    fora = rows[3]
+    assert fora["full_calls"] == 6 and fora["model_calls"] == 12  # 2 seeds x 6 calls, every second one full
+    assert abs(fora["flops_ratio"] - 0.5) < 1e-9 and fora["fewer_steps_fid_at_same_flops"] is not None
+    assert rows[0]["psnr"] >= 100 and all(r["fid"] > 0 for r in rows)
+    md = (tmp_path / "res" / "a.md").read_text()
+    assert "| fora:interval=2 |" in md and (tmp_path / "res" / "a.png").is_file()
