@@ -29,10 +29,11 @@ def timed(fn, repeats: int, warmup: int = 1) -> list[float]:
     return out
 
 
-def write_results(name: str, payload: dict, table: str) -> Path:
-    """Write ``benchmarks/results/<name>.json`` and ``<name>.md``; returns the .md path."""
-    out = RESULTS
-    out.mkdir(exist_ok=True)
+def write_results(name: str, payload: dict, table: str, out: Path = RESULTS) -> Path:
+    """Write ``<out>/<name>.json`` and ``<name>.md`` (``out`` defaults to
+    ``benchmarks/results``); returns the .md path."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
     (out / f"{name}.json").write_text(json.dumps(payload, indent=2) + "\n")
     md = out / f"{name}.md"
     md.write_text(table + "\n")

@@ -225,3 +225,294 @@ def test_reflow_trains_on_the_pairs_through_the_core_trainer(tmp_path):
     bad = load_config(RunConfig, None, tiny + ["name=s2", f"data.pairs={tmp_path}"])
     with pytest.raises(DataError, match="not a pair directory"):
         Trainer(bad, progress=False)
+
+
+# -- 2-rectified flow++: loss and few-step sampler -------------------------------------------
+
+from flowdit.core.losses import flow_matching_loss  # noqa: E402
+from flowdit.core.path import interpolate  # noqa: E402
+from flowdit.distill import (  # noqa: E402
+    FeatureDistance,
+    Renoise,
+    anneal_randomness,
+    distill_times,
+    distillation_loss,
+    flow_guided_target,
+    joint_flip,
+    mix_noise,
+    rfpp_loss,
+)
+
+
+def _sq_dist(a, b):
+    """A stand-in perceptual distance ``[B]``."""
+    return (a - b).pow(2).flatten(1).mean(1)
+
+
+def _rfpp_case(seed=0, b=4):
+    g = torch.Generator().manual_seed(seed)
+    x0, eps = torch.randn(b, 1, 4, 4, generator=g), torch.randn(b, 1, 4, 4, generator=g)
+    v = torch.randn(b, 1, 4, 4, generator=g)
+    return x0, eps, v
+
+
+def test_rfpp_loss_reduces_to_plain_mse_when_its_options_are_off():
+    x0, eps, v = _rfpp_case()
+    t = torch.tensor([0.1, 0.4, 0.7, 1.0])
+    xt = interpolate(x0, eps, t)
+    plain, per = flow_matching_loss(v, eps - x0)
+    loss, per_rfpp = rfpp_loss(v, xt, x0, eps, t, perceptual=None, huber=False, time_weight=False)
+    assert torch.allclose(per_rfpp, per) and torch.allclose(loss, plain)
+    assert torch.allclose(reflow_loss(lambda x, tt, c: v, x0, eps, t)[0], loss)
+    # pseudo-Huber with a huge c is ||d||^2 / (2c): times 2c it is the squared error (summed, /D here).
+    c = 1e6
+    _, per_h = rfpp_loss(v, xt, x0, eps, t, huber_c=c, time_weight=False)
+    assert torch.allclose(per_h * 2 * c, per, rtol=1e-4)
+
+
+def test_rfpp_loss_matches_the_reference_formula_at_given_times():
+    # The 2-RF++ code's loss ('lpips-huber' with --lpips_divt), written in its own variables:
+    # x data, z noise, zt = (1 - t) x + t z, target z - x, pred_x = zt - t pred. Its time runs
+    # from data (0) to noise (1) like flowdit's, so the conversion is the identity.
+    x, z, pred = _rfpp_case(1)
+    t = torch.tensor([1e-3, 0.25, 0.5, 0.9])
+    D = x[0].numel()
+    zt = (1 - t).view(-1, 1, 1, 1) * x + t.view(-1, 1, 1, 1) * z
+    c_ref = 0.00054 * D
+    huber = (torch.sqrt(((pred - (z - x)) ** 2).sum((1, 2, 3)) + c_ref**2) - c_ref) / D
+    pred_x = zt - pred * t.view(-1, 1, 1, 1)
+    reference = (1 - t) * huber + _sq_dist(pred_x, x) / t
+    loss, per = rfpp_loss(pred, interpolate(x, z, t), x, z, t, perceptual=_sq_dist)
+    assert torch.allclose(per, reference, rtol=1e-5)
+    assert loss.item() == pytest.approx(reference.mean().item(), rel=1e-5)
+    # Weight 0 at the noise end for the velocity term; 1/t is bounded at t = 0.
+    _, per0 = rfpp_loss(pred, interpolate(x, z, torch.zeros(4)), x, z, torch.zeros(4), perceptual=_sq_dist)
+    assert torch.isfinite(per0).all()
+
+
+def _renoise_by_hand(field, z, ts):
+    x = z
+    for a, b in zip(ts[:-1], ts[1:]):
+        x0_hat = x - a * field(x, torch.full((len(x),), a))
+        x = (1 - b) * x0_hat + b * z
+    return x
+
+
+def test_renoise_sampler_recovers_a_straight_endpoint_in_one_step_and_reuses_the_initial_noise():
+    a = torch.tensor([[0.5, -2.0, 1.0]])
+    straight = lambda x, t: (x - a) / t[:, None]  # noqa: E731  (the field of the lines z -> a)
+    z = torch.randn(16, 3, generator=torch.Generator().manual_seed(0))
+    one = sample(straight, z, solver="renoise", steps=1)
+    assert one.nfe == 1 and torch.allclose(one.x, a.expand_as(z), atol=1e-6)
+    assert torch.allclose(sample(straight, z, solver=Renoise(), steps=3).x, a.expand_as(z), atol=1e-5)
+    # On a curved field it re-noises with the initial z, unlike Euler.
+    curved = lambda x, t: torch.sin(x) + t[:, None]  # noqa: E731
+    res = sample(curved, z, solver="renoise", steps=3, schedule="uniform")
+    assert torch.allclose(res.x, _renoise_by_hand(curved, z, [1.0, 2 / 3, 1 / 3, 0.0]), atol=1e-5)
+    assert not torch.allclose(res.x, sample(curved, z, solver="euler", steps=3, schedule="uniform").x, atol=1e-3)
+
+
+# -- SlimFlow ---------------------------------------------------------------------------------
+
+
+def test_slimflow_noise_mix_keeps_unit_variance_and_its_ends():
+    g = torch.Generator().manual_seed(0)
+    zp, fresh = torch.randn(200_000, generator=g), torch.randn(200_000, generator=g)
+    for b in (0.0, 0.3, 0.8, 1.0):
+        assert float(mix_noise(zp, fresh, b).var()) == pytest.approx(1.0, abs=0.01)
+    assert torch.equal(mix_noise(zp, fresh, 0.0), zp) and torch.equal(mix_noise(zp, fresh, 1.0), fresh)
+    with pytest.raises(ConfigError):
+        mix_noise(zp, fresh, 1.5)
+    # Annealing: linear (their default) 1 -> 0 over N steps, then 0; cos and exp start at 1.
+    assert [anneal_randomness(s, 10) for s in (0, 5, 10, 20)] == [1.0, 0.5, 0.0, 0.0]
+    assert anneal_randomness(0, 10, "cos") == 1.0 and anneal_randomness(10, 10, "cos") == pytest.approx(0.0)
+    assert anneal_randomness(10, 10, "exp") == pytest.approx(math.exp(-1))
+    assert anneal_randomness(3, 0) == 0.0
+
+
+def test_slimflow_flip_is_joint():
+    x0 = torch.arange(2 * 1 * 2 * 3, dtype=torch.float32).view(2, 1, 2, 3)
+    z = -x0
+    fx, fz = joint_flip(x0, z, torch.tensor([True, False]))
+    assert torch.equal(fx[0], x0[0].flip(-1)) and torch.equal(fz[0], z[0].flip(-1))
+    assert torch.equal(fx[1], x0[1]) and torch.equal(fz[1], z[1])
+    assert torch.equal(fz, -fx)  # the pair stays a pair
+
+
+def test_flow_guided_target_matches_slimflow_convention():
+    # SlimFlow's code: noise at t = 0, data at t = 1, velocity data - noise. With a flowdit
+    # teacher v(x, t), theirs is -v(x, 1 - t). Their target (teacher_loss_new): from the
+    # student's one-step velocity p, x_t = noise + t p, then x_1 = x_t + (1 - t) v_theirs(x_t, t).
+    g = torch.Generator().manual_seed(3)
+    noise, x0_student = torch.randn(5, 1, 3, 3, generator=g), torch.randn(5, 1, 3, 3, generator=g)
+    teacher = lambda x, t: torch.tanh(x) * t.view(-1, 1, 1, 1) + 0.3  # noqa: E731  (flowdit convention)
+    theirs = lambda x, t: -teacher(x, 1 - t)  # noqa: E731
+    t_theirs = torch.rand(5, generator=g) * 0.6 + 0.2
+    p = x0_student - noise
+    xt = noise + t_theirs.view(-1, 1, 1, 1) * p
+    x1 = xt + (1 - t_theirs).view(-1, 1, 1, 1) * theirs(xt, t_theirs)
+    ours = flow_guided_target(teacher, noise, x0_student, 1 - t_theirs)
+    assert torch.allclose(ours, x1, atol=1e-6)
+
+
+# -- k-step and one-step distillation ---------------------------------------------------------
+
+
+def test_distill_times_are_the_euler_grid():
+    u = torch.linspace(0, 0.999, 1000)
+    assert set(distill_times(4, u).tolist()) == {1.0, 0.75, 0.5, 0.25}
+    assert torch.equal(distill_times(1, u), torch.ones(1000))
+    with pytest.raises(ConfigError):
+        distill_times(0, u)
+
+
+def test_distillation_loss_is_zero_for_the_teachers_exact_endpoint_map():
+    # Teacher endpoint map T(z) = A z + c (elementwise). A student that knows the chord
+    # through (z, T(z)) has v(x, t) = z - T(z) with z solved from x = (1 - t) T(z) + t z.
+    A, c = 0.5, 0.25
+    T = lambda z: A * z + c  # noqa: E731
+
+    def student(x, t):
+        tt = t.view(-1, 1, 1, 1)
+        z = (x - (1 - tt) * c) / ((1 - tt) * A + tt)
+        return z - T(z)
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.GELU(), nn.Conv2d(4, 4, 3, padding=1), nn.GELU())
+    perceptual = FeatureDistance(net, forward=net)
+    z = torch.randn(8, 1, 6, 6)
+    for k in (1, 4):
+        t = distill_times(k, torch.rand(8))
+        xt = interpolate(T(z), z, t)
+        for kind in ("mse", "huber", "perceptual"):
+            loss, per = distillation_loss(student(xt, t), xt, T(z), z, t, kind=kind, perceptual=perceptual)
+            assert float(per.abs().max()) < 1e-6, (k, kind)
+        wrong, _ = distillation_loss(student(xt, t) + 0.1, xt, T(z), z, t, kind="perceptual", perceptual=perceptual)
+        assert wrong > 1e-4
+    # k Euler steps of that student land on the teacher's endpoint.
+    fn = lambda x, t: student(x.view(-1, 1, 6, 6), t).view(len(x), -1)  # noqa: E731
+    assert torch.allclose(sample(fn, z.view(8, -1), solver="euler", steps=4, schedule="uniform").x,
+                          T(z).view(8, -1), atol=1e-5)
+
+
+def test_guide_feature_distance_is_a_differentiable_distance():
+    from flowdit.eval.evaluator import load_classifier
+
+    guide, _ = load_classifier("digits", "guide")
+    d = FeatureDistance(guide)
+    assert len(d.taps) == 4
+    a = torch.rand(3, 1, 8, 8) * 2 - 1
+    b = (a + 0.2 * torch.randn_like(a)).requires_grad_(True)
+    assert torch.allclose(d(a, a), torch.zeros(3), atol=1e-10)
+    dist = d(b, a)
+    assert (dist > 0).all()
+    dist.sum().backward()
+    assert b.grad is not None and b.grad.abs().sum() > 0
+    assert all(not p.requires_grad for p in guide.parameters())
+
+
+# -- configuration and the core trainer ------------------------------------------------------
+
+
+def test_distill_config_round_trip_and_clear_errors(tmp_path):
+    from flowdit.train.config import RunConfig
+    from flowdit.utils.config import from_dict, load_config, to_dict
+
+    keys = ["data.pairs=p", "flow.loss=rfpp", "flow.time_sampler=u_shaped:a=4", "flow.perceptual_weight=0.5"]
+    cfg = load_config(RunConfig, None, keys)
+    assert from_dict(RunConfig, to_dict(cfg)) == cfg and cfg.flow.loss == "rfpp"
+    slim = load_config(RunConfig, None, ["data.pairs=p", "distill.steps=1", "distill.loss=perceptual",
+                                         "distill.teacher=runs/x", "distill.anneal_steps=10", "distill.flip=true"])
+    assert from_dict(RunConfig, to_dict(slim)) == slim and slim.distill.flip
+    bad = {
+        "distill.loss=lpips2": "distill.loss",
+        "flow.perceptual=evaluator": "flow.perceptual",
+        "distill.steps=-1": "distill.steps",
+        "distill.teacher=runs/x": "one-step",
+        "distill.anneal_schedule=square": "distill.anneal_schedule",
+    }
+    for override, msg in bad.items():
+        with pytest.raises(ConfigError, match=msg):
+            load_config(RunConfig, None, ["data.pairs=p", override])
+    with pytest.raises(ConfigError, match="data.pairs"):
+        load_config(RunConfig, None, ["distill.steps=1"])
+    with pytest.raises(ConfigError, match="rfpp"):
+        load_config(RunConfig, None, ["flow.loss=rfpp"])
+
+
+TINY_D = ["model.name=DiT-tiny", "train.batch_size=8", "train.precision=fp32", "train.ckpt_every=100",
+          "flow.label_dropout=0", "optim.warmup_steps=0", "train.log_every=1"]
+
+
+@pytest.fixture(scope="module")
+def teacher_and_pairs(tmp_path_factory):
+    from flowdit.cli import main
+
+    root = tmp_path_factory.mktemp("distill")
+    assert main(["train", "--no-progress", "--no-outputs", *TINY_D, "train.steps=2", f"out_dir={root}",
+                 "name=teacher"]) == 0
+    assert main(["reflow", "pairs", "--ckpt", str(root / "teacher"), "--num", "24", "--out", str(root / "pairs"),
+                 "--steps", "2", "--precision", "fp32", "--no-progress"]) == 0
+    return root
+
+
+def _trainer(root, name, *extra, resume=False):
+    from flowdit.train.config import RunConfig
+    from flowdit.train.trainer import Trainer
+    from flowdit.utils.config import load_config
+
+    cfg = load_config(RunConfig, None, TINY_D + [f"out_dir={root}", f"name={name}", f"data.pairs={root / 'pairs'}",
+                                                 *extra])
+    return Trainer(cfg, resume=resume, progress=False)
+
+
+def test_rfpp_and_distillation_train_through_the_core_trainer(teacher_and_pairs):
+    root = teacher_and_pairs
+    rfpp = _trainer(root, "rfpp", "flow.loss=rfpp", "flow.time_sampler=u_shaped:a=4",
+                    f"train.init_from={root / 'teacher'}", "train.steps=2")
+    assert isinstance(rfpp.objective.perceptual, FeatureDistance)
+    assert math.isfinite(rfpp.fit()["loss"])
+    k = _trainer(root, "k2", "distill.steps=2", "distill.loss=huber", "train.steps=1")
+    assert set(k.draw(0)[3].tolist()) <= {1.0, 0.5}
+    k.fit()
+
+
+def test_slimflow_draws_anneal_and_flip_the_pairs(teacher_and_pairs):
+    root = teacher_and_pairs
+    pairs = load_pairs(root / "pairs")
+    plain = _trainer(root, "plain", "train.steps=1")
+    slim = _trainer(root, "slim", "distill.anneal_steps=4", "train.steps=1")
+    x0, _, z, _, idx = slim.draw(0)  # b = 1: the pair's data with fresh noise
+    assert torch.equal(x0, pairs.sample[idx]) and not torch.allclose(z, pairs.noise[idx])
+    x0, _, z, _, idx = slim.draw(4)  # b = 0: the pair itself
+    assert torch.equal(z, plain.draw(4)[2]) and torch.equal(z, pairs.noise[idx])
+    flip = _trainer(root, "flip", "distill.flip=true", "train.steps=1")
+    x0, _, z, _, idx = flip.draw(1)
+    flipped = [not torch.equal(x0[i], pairs.sample[idx[i]]) for i in range(len(idx))]
+    assert any(flipped) and not all(flipped)
+    for i in range(len(idx)):
+        want = (pairs.sample[idx[i]].flip(-1), pairs.noise[idx[i]].flip(-1)) if flipped[i] else \
+            (pairs.sample[idx[i]], pairs.noise[idx[i]])
+        assert torch.equal(x0[i], want[0]) and torch.equal(z[i], want[1])
+
+
+def test_flow_guided_distillation_resumes_exactly(teacher_and_pairs):
+    import os
+
+    from flowdit.train.checkpoint import load_checkpoint
+
+    root = teacher_and_pairs
+    keys = ["distill.steps=1", "distill.loss=perceptual", f"distill.teacher={root / 'teacher'}",
+            f"train.init_from={root / 'teacher'}"]
+    torch.set_num_threads(1)  # bitwise-repeatable reductions
+    try:
+        _trainer(root, "a", *keys, "train.steps=4").fit()
+        _trainer(root, "b", *keys, "train.steps=2").fit()
+        b2 = _trainer(root, "b", *keys, "train.steps=4", resume=True)
+        assert b2.step == 2 and b2.objective.teacher is not None
+        b2.fit()
+    finally:
+        torch.set_num_threads(os.cpu_count() or 1)
+    for which in ("model", "ema"):
+        wa, wb = load_checkpoint(root / "a").tensors[which], load_checkpoint(root / "b").tensors[which]
+        assert all(torch.equal(wa[k], wb[k]) for k in wa), which

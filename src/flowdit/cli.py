@@ -455,7 +455,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--ckpt", required=True, help="run directory or checkpoint directory")
     s.add_argument("--num", type=int, default=100, help="number of samples")
     s.add_argument("--classes", help="comma-separated class indices (default: all classes, balanced)")
-    s.add_argument("--solver", default="heun", help="euler, heun, midpoint, rf2, rf3, fireflow or dopri5")
+    s.add_argument("--solver", default="heun", help="euler, heun, midpoint, rf2, rf3, fireflow, renoise (2-RF++ few-step) or dopri5")
     s.add_argument("--steps", type=int, default=16, help="solver steps (ignored by dopri5)")
     s.add_argument("--cfg", type=float, default=1.5, help="classifier-free guidance scale (1 = none)")
     s.add_argument("--guidance-interval", help="apply guidance only for t in [lo,hi], e.g. 0.1,0.9")

@@ -22,8 +22,9 @@ def default_huber_c(num_elements: int) -> float:
     """Default pseudo-Huber constant ``c = 0.00054 sqrt(D)`` for D elements per sample.
 
     From Song & Dhariwal 2023, "Improved techniques for training consistency models",
-    section 3.3, where it is tuned for CIFAR-10 (D = 3 * 32 * 32 gives c = 0.03);
-    reused for rectified flows by Lee, Lin & Fanti 2024 (2-rectified flow++).
+    section 3.3, where it is tuned for CIFAR-10 (D = 3 * 32 * 32 gives c = 0.03).
+    The public code of 2-rectified flow++ (Lee, Lin & Fanti 2024) uses ``0.00054 D``
+    instead, divided by D; that variant is :func:`flowdit.distill.rfpp_loss`.
     """
     return HUBER_C_PER_SQRT_DIM * math.sqrt(num_elements)
 

@@ -31,6 +31,8 @@ MODEL_CONFIGS.update(
         "DiT-digits": dict(depth=4, hidden_size=128, num_heads=4, patch_size=2),
         # 28x28 MNIST, patch 4: 49 tokens (about 200 training images/s on 2 CPU cores, fp32).
         "DiT-mnist": dict(depth=6, hidden_size=128, num_heads=4, patch_size=4),
+        # 28x28 MNIST, patch 4, a smaller student for SlimFlow-style distillation of DiT-mnist.
+        "DiT-mnist-S": dict(depth=4, hidden_size=96, num_heads=4, patch_size=4),
         # 28x28 MNIST, patch 2: 196 tokens (about 4.5x the compute per image).
         "DiT-mnist/2": dict(depth=6, hidden_size=128, num_heads=4, patch_size=2),
         # For tests: a few thousand parameters.

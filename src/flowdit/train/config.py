@@ -50,19 +50,70 @@ class DataSection:
 
 @dataclass
 class FlowSection:
-    """The rectified-flow objective: how t is drawn, the loss, and label dropout for CFG."""
+    """The rectified-flow objective: how t is drawn, the loss, and label dropout for CFG.
+
+    ``loss``: ``mse``, ``huber`` (pseudo-Huber, ``huber_c``) or ``rfpp``, the 2-rectified
+    flow++ loss on pairs: ``(1 - t)`` pseudo-Huber plus ``perceptual_weight / t`` times the
+    ``perceptual`` distance of the data estimate (:func:`flowdit.distill.rfpp_loss`).
+    ``perceptual``: ``guide`` (LPIPS-style distance on the data set's shipped guide network)
+    or ``lpips`` (the ``lpips`` package, where installed with its weights); also used by
+    ``distill.loss=perceptual``.
+    """
 
     time_sampler: str = "logit_normal:m=0,s=1"
     shift: float = 1.0
-    loss: Literal["mse", "huber"] = "mse"
+    loss: Literal["mse", "huber", "rfpp"] = "mse"
     huber_c: Optional[float] = None
     label_dropout: float = 0.1
+    perceptual: Literal["guide", "lpips"] = "guide"
+    perceptual_weight: float = 1.0
 
     def validate(self) -> None:
         if not 0.0 <= self.label_dropout < 1.0:
             raise ConfigError(f"flow.label_dropout must be in [0, 1), got {self.label_dropout}")
         if self.shift <= 0:
             raise ConfigError(f"flow.shift must be positive, got {self.shift}")
+        if self.huber_c is not None and not self.huber_c > 0:
+            raise ConfigError(f"flow.huber_c must be positive, got {self.huber_c}")
+        if self.perceptual_weight < 0:
+            raise ConfigError(f"flow.perceptual_weight must be >= 0, got {self.perceptual_weight}")
+
+
+@dataclass
+class DistillSection:
+    """Distillation on ``data.pairs`` (all off by default, which is plain reflow).
+
+    ``steps``: ``k >= 1`` trains a k-step student: t only on the grid ``1, (k-1)/k, ..., 1/k``
+    (1: one-step), ``loss`` the distance (``mse``, ``huber`` or ``perceptual``); 0: off.
+    ``teacher``: a run directory; adds SlimFlow's flow-guided term (two-step target from
+    that teacher on fresh noise, weight ``teacher_weight``); needs ``steps=1``.
+    ``anneal_steps``: SlimFlow's annealing reflow, the pair noise blended with fresh noise,
+    ``sqrt(1 - b^2) z + b eps``, ``b`` from 1 to 0 over that many steps by
+    ``anneal_schedule`` (``linear``, ``cos``, ``exp``); 0: off. ``flip``: flip each pair's
+    data and noise left-right together with probability 1/2.
+    """
+
+    steps: int = 0
+    loss: Literal["mse", "huber", "perceptual"] = "mse"
+    teacher: Optional[str] = None
+    teacher_weight: float = 1.0
+    anneal_steps: int = 0
+    anneal_schedule: Literal["linear", "cos", "exp"] = "linear"
+    flip: bool = False
+
+    @property
+    def active(self) -> bool:
+        return bool(self.steps or self.teacher or self.anneal_steps or self.flip)
+
+    def validate(self) -> None:
+        if self.steps < 0 or self.anneal_steps < 0:
+            raise ConfigError(f"distill.steps and distill.anneal_steps must be >= 0, got {self.steps}, "
+                              f"{self.anneal_steps}")
+        if self.teacher and self.steps != 1:
+            raise ConfigError(f"distill.teacher (flow-guided distillation) is a one-step method: set distill.steps=1, "
+                              f"got distill.steps={self.steps}")
+        if self.teacher_weight < 0:
+            raise ConfigError(f"distill.teacher_weight must be >= 0, got {self.teacher_weight}")
 
 
 @dataclass
@@ -137,3 +188,14 @@ class RunConfig:
     optim: OptimSection = field(default_factory=OptimSection)
     train: TrainSection = field(default_factory=TrainSection)
     sample: SampleSection = field(default_factory=SampleSection)
+    distill: DistillSection = field(default_factory=DistillSection)
+
+    def validate(self) -> None:
+        """Checks across sections: what needs coupling pairs, and which losses combine."""
+        if self.distill.active and not self.data.pairs:
+            raise ConfigError("distill.* options train on coupling pairs: set data.pairs (flowdit reflow pairs)")
+        if self.flow.loss == "rfpp" and not self.data.pairs:
+            raise ConfigError("flow.loss=rfpp is the 2-rectified flow++ reflow loss: set data.pairs")
+        if self.flow.loss == "rfpp" and self.distill.steps:
+            raise ConfigError("flow.loss=rfpp trains the flow at all t; for distillation (distill.steps > 0) choose "
+                              "the distance with distill.loss")

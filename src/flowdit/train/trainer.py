@@ -23,10 +23,10 @@ import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm.auto import tqdm
 
-from ..core.losses import flow_matching_loss
-from ..core.path import interpolate, velocity_target
 from ..core.timesteps import build_time_sampler, shift_time
 from ..data import build_dataset
+from ..distill.onestep import distill_times
+from ..distill.slimflow import anneal_randomness, guide_times, joint_flip, mix_noise
 from ..errors import CheckpointError, FlowditError
 from ..models import DiT, build_model
 from ..utils.config import save_config, to_dict
@@ -34,6 +34,7 @@ from ..utils.seeding import seeded_generator
 from . import dist as D
 from .checkpoint import latest_checkpoint, load_checkpoint, load_state_dict_strict, save_checkpoint
 from .config import RunConfig
+from .objective import Objective
 
 
 class TrainingDiverged(FlowditError):
@@ -65,7 +66,7 @@ def autocast_dtype(precision: str, device: torch.device) -> Optional[torch.dtype
     return torch.bfloat16 if cpu_has_bf16() else None
 
 
-_DATA_STREAM, _NOISE_STREAM = 1, 2
+_DATA_STREAM, _NOISE_STREAM, _GUIDE_STREAM = 1, 2, 3
 
 
 def global_batch_indices(step: int, batch_size: int, num_items: int, seed: int) -> torch.Tensor:
@@ -147,6 +148,7 @@ class Trainer:
         self.ema: DiT = copy.deepcopy(self.model).requires_grad_(False).eval()
         self.time_sampler = build_time_sampler(cfg.flow.time_sampler)
         self.amp_dtype = autocast_dtype(tc.precision, self.device)
+        self.objective = Objective(cfg, self.dataset, self.device, self.amp_dtype)
         self.optimizer = torch.optim.AdamW(
             self.model.parameters(), lr=cfg.optim.lr, betas=tuple(cfg.optim.betas), weight_decay=cfg.optim.weight_decay,
         )
@@ -241,21 +243,48 @@ class Trainer:
         drop = torch.rand(G, generator=g) < self.cfg.flow.label_dropout
         if self.cfg.flow.shift != 1.0:
             t = shift_time(t, self.cfg.flow.shift)
+        # Distillation draws come after the ones above, so plain runs keep their streams.
+        d = self.cfg.distill
+        if d.steps:  # k-step distillation: t only on the student's Euler grid
+            t = distill_times(d.steps, torch.rand(G, generator=g))
+        flip = torch.rand(G, generator=g) < 0.5 if d.flip else None
         share = G // self.dist.world_size
         lo = self.dist.rank * share
         sl = slice(lo, lo + share)
         if self.pairs is not None:  # reflow: the coupling's own noise replaces the fresh draw
-            x0, y, eps = self.pairs.sample[idx[sl]], self.pairs.label[idx[sl]], self.pairs.noise[idx]
+            x0, y, z = self.pairs.sample[idx[sl]], self.pairs.label[idx[sl]], self.pairs.noise[idx[sl]]
+            if d.anneal_steps:  # SlimFlow's annealing reflow: blend in this step's fresh noise
+                z = mix_noise(z, eps[sl], anneal_randomness(step, d.anneal_steps, d.anneal_schedule))
+            if flip is not None:
+                x0, z = joint_flip(x0, z, flip[sl])
         else:
-            x0, y = self.dataset.batch(idx[sl])
+            (x0, y), z = self.dataset.batch(idx[sl]), eps[sl]
         y = torch.where(drop[sl], torch.full_like(y, self.model.null_class), y)
         dev = self.device
-        return x0.to(dev), y.to(dev), eps[sl].to(dev), t[sl].to(dev), idx[sl]
+        return x0.to(dev), y.to(dev), z.to(dev), t[sl].to(dev), idx[sl]
+
+    def draw_guide(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Fresh noise and intermediate times ``s`` of the flow-guided term (``distill.teacher``)
+        for this process's share of step ``step``, from their own seeded stream."""
+        G = self.cfg.train.batch_size
+        C, H, W = self.dataset.shape
+        g = seeded_generator(self.cfg.train.seed, _GUIDE_STREAM, step)
+        z, s = torch.randn(G, C, H, W, generator=g), guide_times(torch.rand(G, generator=g))
+        share = G // self.dist.world_size
+        sl = slice(self.dist.rank * share, (self.dist.rank + 1) * share)
+        return z[sl].to(self.device), s[sl].to(self.device)
+
+    def velocity(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """The trained model's velocity under the run's autocast, as float32."""
+        amp = torch.autocast(self.device.type, dtype=self.amp_dtype) if self.amp_dtype else nullcontext()
+        with amp:
+            return self.forward(x, t, y).float()
 
     def train_step(self) -> dict:
         tc = self.cfg.train
         model, opt = self.model, self.optimizer
         x0, y, eps, t, _ = self.draw(self.step)
+        fresh, s = self.draw_guide(self.step) if self.objective.teacher is not None else (None, None)
         lr = self.lr_at(self.step)
         for group in opt.param_groups:
             group["lr"] = lr
@@ -263,15 +292,11 @@ class Trainer:
         mb = self.micro_batch
         for m in range(tc.grad_accum):
             sl = slice(m * mb, (m + 1) * mb)
-            xt = interpolate(x0[sl], eps[sl], t[sl])
-            target = velocity_target(x0[sl], eps[sl])
             last = m == tc.grad_accum - 1
             sync = nullcontext() if (self.ddp is None or last) else self.ddp.no_sync()
             with sync:
-                amp = torch.autocast(self.device.type, dtype=self.amp_dtype) if self.amp_dtype else nullcontext()
-                with amp:
-                    v = self.forward(xt, t[sl], y[sl])
-                loss, _ = flow_matching_loss(v.float(), target, kind=self.cfg.flow.loss, huber_c=self.cfg.flow.huber_c)
+                guide = (fresh[sl], s[sl]) if fresh is not None else ()
+                loss = self.objective(self.velocity, x0[sl], eps[sl], t[sl], y[sl], *guide)
                 (loss / tc.grad_accum).backward()
             loss_sum += loss.detach() / tc.grad_accum
         loss_mean = D.all_reduce_mean(loss_sum, self.dist)
