@@ -119,10 +119,13 @@ def matmul_peak(device: torch.device, dtype: torch.dtype, repeats: int = 3) -> f
     return best
 
 
-def bench_model(key: str, repeats: int, device: torch.device, compile_: bool) -> list[dict]:
+PRECISIONS = {"fp32": None, "bf16": torch.bfloat16}
+
+
+def bench_model(key: str, repeats: int, device: torch.device, compile_: bool, precisions: list[str]) -> list[dict]:
     name, side, ch, classes, b_train, b_sample = MODELS[key]
     ours, theirs = build_pair(key, device)
-    precisions = {"fp32": None, "bf16": torch.bfloat16}
+    precisions = {p: PRECISIONS[p] for p in precisions}
     entries = {}
     for kind, model in (("flowdit", ours), ("diffusers", theirs)):
         model.train()
@@ -163,8 +166,13 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--compile", action="store_true", help="torch.compile both models")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--precisions", default="fp32,bf16",
+                    help="fp32 and/or bf16 (autocast); on a CPU without native bf16 the bf16 rows take very long")
     ap.add_argument("--name", default=None)
     args = ap.parse_args()
+    precisions = [p.strip() for p in args.precisions.split(",") if p.strip()]
+    if not precisions or set(precisions) - set(PRECISIONS):
+        sys.exit(f"vs_diffusers: --precisions takes {', '.join(PRECISIONS)}; got {args.precisions!r}")
     try:
         import diffusers
     except ImportError:
@@ -175,13 +183,13 @@ def main() -> None:
         torch.backends.cudnn.allow_tf32 = True
     info = machine_info()
     info["diffusers"] = diffusers.__version__
-    peaks = {"fp32": matmul_peak(device, torch.float32), "bf16": matmul_peak(device, torch.bfloat16)}
-    print(f"matmul peak: fp32 {peaks['fp32'] / 1e9:.0f} GFLOP/s, bf16 {peaks['bf16'] / 1e9:.0f} GFLOP/s", flush=True)
+    peaks = {p: matmul_peak(device, PRECISIONS[p] or torch.float32) for p in precisions}
+    print("matmul peak: " + ", ".join(f"{p} {v / 1e9:.0f} GFLOP/s" for p, v in peaks.items()), flush=True)
     rows = []
     for key in args.models.split(","):
         if key not in MODELS:
             sys.exit(f"vs_diffusers: unknown model {key!r}; choose from {', '.join(MODELS)}")
-        rows += bench_model(key, args.repeats, device, args.compile)
+        rows += bench_model(key, args.repeats, device, args.compile, precisions)
         print(f"{key}: done", flush=True)
     info["load_average_end"] = os.getloadavg()
 
@@ -198,7 +206,7 @@ def main() -> None:
         f"Machine: {info['cpu']}{' / ' + info['cuda'] if info['cuda'] else ''}, {info['cores']} cores, torch "
         f"{info['torch']}, diffusers {info['diffusers']}, {'compiled' if args.compile else 'eager'}; load average "
         f"{info['load_average'][0]:.2f} at start, {info['load_average_end'][0]:.2f} at end; commit {info['commit']}.",
-        f"Matmul peak measured here: fp32 {peaks['fp32'] / 1e9:.0f} GFLOP/s, bf16 {peaks['bf16'] / 1e9:.0f} GFLOP/s.",
+        "Matmul peak measured here: " + ", ".join(f"{p} {v / 1e9:.0f} GFLOP/s" for p, v in peaks.items()) + ".",
         f"Command: `{cmd.strip()}`", "",
         "| model | toolkit | precision | params (non-emb.) | GFLOP / image (train) | train img/s | ratio | "
         "train MFU | sample img/s | ratio | sample MFU" + mem + " |",
