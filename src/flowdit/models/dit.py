@@ -15,6 +15,7 @@ from typing import Any, Iterable, Optional
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from .attention import Attention, AttentionProcessor
 from .layers import LabelEmbedder, Mlp, PatchEmbed, TimestepEmbedder, modulate, sincos_pos_embed_2d
@@ -118,6 +119,9 @@ class DiT(nn.Module):
             DiTBlock(D, config.num_heads, config.mlp_ratio, config.qk_norm) for _ in range(config.depth)
         )
         self.final_layer = FinalLayer(D, p, self.out_channels)
+        # Activation (gradient) checkpointing of the block stack while training; the
+        # trainer sets it from ``train.grad_checkpoint``.
+        self.grad_checkpointing = False
         self.initialize_weights()
 
     @property
@@ -171,6 +175,12 @@ class DiT(nn.Module):
         policy = getattr(ctx, "block_policy", None)
         if policy is not None:
             return policy.run(self, tokens, c_act, ctx)
+        if self.grad_checkpointing and torch.is_grad_enabled():
+            # Keep only each block's input for backward and recompute its inside: about
+            # one more forward per step for activation memory of O(depth) token tensors.
+            for block in self.blocks:
+                tokens = checkpoint(block, tokens, c_act, ctx, use_reentrant=False)
+            return tokens
         for block in self.blocks:
             tokens = block(tokens, c_act, ctx)
         return tokens

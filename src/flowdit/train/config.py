@@ -140,13 +140,17 @@ class TrainSection:
     """Length, batch and bookkeeping of the run. ``batch_size`` is the global batch: the
     sum over processes and gradient-accumulation micro-steps. ``init_from``: a run or
     checkpoint directory whose EMA weights start the model and its EMA (reflow starts from
-    its teacher); ignored when resuming."""
+    its teacher); ignored when resuming. ``grad_checkpoint``: recompute each block in
+    the backward pass instead of storing its activations (less memory, about a third more
+    compute). ``tf32``: allow TensorFloat-32 matmuls on CUDA (no effect on a CPU)."""
 
     steps: int = 2000
     batch_size: int = 128
     grad_accum: int = 1
     precision: Literal["auto", "bf16", "fp32"] = "auto"
     compile: bool = False
+    grad_checkpoint: bool = False
+    tf32: bool = True
     seed: int = 0
     log_every: int = 50
     ckpt_every: int = 500

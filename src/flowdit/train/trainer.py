@@ -145,6 +145,10 @@ class Trainer:
         self.model: DiT = build_model(cfg.model.name, H, C, self.dataset.num_classes, **cfg.model.overrides()).to(self.device)
         if tc.init_from and not resume:
             self._init_from(tc.init_from)
+        self.model.grad_checkpointing = tc.grad_checkpoint
+        if self.device.type == "cuda" and tc.tf32:
+            torch.backends.cuda.matmul.allow_tf32 = True
+            torch.backends.cudnn.allow_tf32 = True
         self.ema: DiT = copy.deepcopy(self.model).requires_grad_(False).eval()
         self.time_sampler = build_time_sampler(cfg.flow.time_sampler)
         self.amp_dtype = autocast_dtype(tc.precision, self.device)
