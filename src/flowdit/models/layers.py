@@ -86,7 +86,10 @@ class PatchEmbed(nn.Module):
         self.proj = nn.Conv2d(in_channels, hidden_size, kernel_size=patch_size, stride=patch_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.proj(x).flatten(2).transpose(1, 2)
+        # The transpose is a strided view; element-wise ops downstream keep its layout,
+        # so without the copy every LayerNorm and linear of every block would make the
+        # residual stream contiguous again, forward and backward.
+        return self.proj(x).flatten(2).transpose(1, 2).contiguous()
 
 
 class Mlp(nn.Module):
