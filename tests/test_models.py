@@ -186,3 +186,20 @@ def test_gradient_checkpointing_gives_the_same_gradients():
         on = model(x, t, y)
         model.grad_checkpointing = False
         assert torch.equal(on, model(x, t, y))
+
+
+def test_bf16_fast_path_samples_match_fp32():
+    """The whole sampler under bf16 autocast (weights fp32, the loop's state fp32) lands
+    within a few percent of the fp32 samples: errors of one evaluation do not compound
+    along a guided 8-step Heun trajectory."""
+    from flowdit.sampling.generate import generate
+
+    model = _trained_like(build_model("DiT-tiny", 8, 3, 10))
+    labels = torch.arange(16) % 10
+    kw = dict(solver="heun", steps=8, cfg_scale=1.5, seed=3)
+    ref = generate(model, labels, (3, 8, 8), **kw).images
+    fast = generate(model, labels, (3, 8, 8), amp_dtype=torch.bfloat16, **kw).images
+    assert fast.dtype == torch.float32
+    err = (fast - ref).abs()
+    # measured: max 0.005, mean 0.0007 on images in [-1, 1]
+    assert err.max() < 0.02 and err.mean() < 0.003, (err.max(), err.mean())
