@@ -31,6 +31,7 @@ from tqdm.auto import tqdm
 from ..errors import ConfigError, DataError
 from ..sampling.generate import indexed_noise
 from ..utils.files import atomic_write, sha256_file
+from ..utils.precision import autocast
 
 __all__ = ["Pairs", "write_pairs", "load_pairs", "model_sampler"]
 
@@ -174,14 +175,12 @@ def model_sampler(model: torch.nn.Module, solver: str = "rf2", steps: int = 8, c
     """A :data:`SampleFn` that integrates a conditional flowdit model from noise to data,
     with classifier-free guidance folded into the coupling when ``cfg_scale != 1``
     (as InstaFlow folds text guidance into its pairs)."""
-    from contextlib import nullcontext
 
     from ..sampling.guidance import cfg_velocity
     from ..sampling.sample import sample
 
     device = torch.device(device)
     model.eval()
-    amp = (lambda: torch.autocast(device.type, dtype=amp_dtype)) if amp_dtype else nullcontext
 
     def fn(noise: torch.Tensor, labels: Optional[torch.Tensor]) -> torch.Tensor:
         if labels is None:
@@ -190,7 +189,7 @@ def model_sampler(model: torch.nn.Module, solver: str = "rf2", steps: int = 8, c
             guided = cfg_velocity(model, labels.to(device), model.null_class, cfg_scale)
 
         def velocity(x, t):
-            with amp():
+            with autocast(device.type, amp_dtype):
                 return guided(x, t).float()
 
         return sample(velocity, noise.to(device), solver=solver, steps=steps).x.cpu()

@@ -12,7 +12,6 @@ null-text inversion, Mokady et al. 2023).
 from __future__ import annotations
 
 import functools
-from contextlib import nullcontext
 from typing import Any, Callable, Optional
 
 import torch
@@ -23,6 +22,7 @@ from flowdit.sampling.guidance import cfg_velocity
 from flowdit.sampling.sample import SampleResult, sample
 from flowdit.sampling.schedules import shifted
 from flowdit.sampling.solvers import ModelFn
+from flowdit.utils.precision import autocast
 
 __all__ = ["sampling_grid", "inversion_grid", "invert", "regenerate", "model_velocity", "invert_images",
            "regenerate_images"]
@@ -86,7 +86,7 @@ def model_velocity(model: Callable, y: Any, cfg_scale: float = 1.0, amp_dtype: O
         if fn.y.shape[0] != x.shape[0]:
             fn.y = fn.y.to(x.device).expand(x.shape[0])
             fn.null = fn.null.to(x.device).expand(x.shape[0])
-        amp = torch.autocast(x.device.type, dtype=amp_dtype) if amp_dtype else nullcontext()
+        amp = autocast(x.device.type, amp_dtype)
         with amp:
             return fn(x, t).float()
 

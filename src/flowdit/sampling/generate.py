@@ -7,13 +7,13 @@ processes that share the work.
 
 from __future__ import annotations
 
-from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
 import torch
 from tqdm.auto import tqdm
 
+from ..utils.precision import autocast
 from ..utils.seeding import seeded_generator
 from .context import BlockPolicy, StepContext
 from .guidance import cfg_velocity
@@ -82,7 +82,6 @@ def generate(
     n = len(labels)
     images, nfe = [], 0
     bar = tqdm(total=n, disable=not progress, desc=f"sample {solver}", unit="img", dynamic_ncols=True)
-    amp = (lambda: torch.autocast(device.type, dtype=amp_dtype)) if amp_dtype else nullcontext
     for lo in range(0, n, batch_size):
         idx = list(range(first_index + lo, first_index + min(n, lo + batch_size)))
         noise = indexed_noise(idx, shape, seed).to(device)
@@ -91,7 +90,7 @@ def generate(
         fn = cfg_velocity(model, y, model.null_class, cfg_scale, interval=guidance_interval, ctx=ctx)
 
         def velocity(x, t, fn=fn):
-            with amp():
+            with autocast(device.type, amp_dtype):
                 return fn(x, t).float()
 
         res = sample(velocity, noise, solver=solver, steps=steps, shift=shift, rtol=rtol, atol=atol,

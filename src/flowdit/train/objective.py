@@ -13,7 +13,6 @@ teacher are loaded once here, frozen, so the trainer only calls the objective.
 
 from __future__ import annotations
 
-from contextlib import nullcontext
 from typing import Callable, Optional
 
 import torch
@@ -26,6 +25,7 @@ from ..distill.perceptual import FeatureDistance, LPIPSDistance, PerceptualFn
 from ..distill.rfpp import rfpp_loss
 from ..distill.slimflow import flow_guided_target
 from ..errors import FlowditError
+from ..utils.precision import autocast
 from .config import RunConfig
 
 Velocity = Callable[[Tensor, Tensor, Tensor], Tensor]
@@ -74,8 +74,7 @@ class Objective:
 
     def _teacher_velocity(self, y: Tensor) -> Callable[[Tensor, Tensor], Tensor]:
         def fn(x: Tensor, t: Tensor) -> Tensor:
-            amp = torch.autocast(self.device.type, dtype=self.amp_dtype) if self.amp_dtype else nullcontext()
-            with torch.no_grad(), amp:
+            with torch.no_grad(), autocast(self.device.type, self.amp_dtype):
                 return self.teacher(x, t, y).float()
         return fn
 

@@ -30,6 +30,7 @@ from ..distill.slimflow import anneal_randomness, guide_times, joint_flip, mix_n
 from ..errors import CheckpointError, FlowditError
 from ..models import DiT, build_model
 from ..utils.config import save_config, to_dict
+from ..utils.precision import autocast
 from ..utils.seeding import seeded_generator
 from . import dist as D
 from .checkpoint import latest_checkpoint, load_checkpoint, load_state_dict_strict, save_checkpoint
@@ -280,8 +281,7 @@ class Trainer:
 
     def velocity(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """The trained model's velocity under the run's autocast, as float32."""
-        amp = torch.autocast(self.device.type, dtype=self.amp_dtype) if self.amp_dtype else nullcontext()
-        with amp:
+        with autocast(self.device.type, self.amp_dtype):
             return self.forward(x, t, y).float()
 
     def train_step(self) -> dict:
