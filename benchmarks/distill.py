@@ -12,6 +12,9 @@ A student is ``LABEL=RUN_DIR[:SOLVER]`` (solver default ``euler``; ``renoise`` i
 at each NFE in ``--nfe`` (NFE = velocity evaluations; 1-NFE-per-step solvers only). The
 teacher samples with the guidance scale folded into the pairs (``--teacher-cfg``, default
 the pairs' own); students with ``--student-cfg`` (default 1: guidance is in their pairs).
+The quality reference is the teacher's best multi-step setting (``--ref-solver``,
+``--ref-steps``, on ``--ref-seeds``); the time reference is the teacher's ``--time-steps``-step
+Euler sampling of ``--time-num`` images (one batch), timed in the same process.
 Quality is scored by the data set's shipped evaluator (``flowdit.evaluate``); straightness
 (``flowdit.distill.straightness``, Euler on ``--straight-steps`` steps) and the mean squared
 error to the teacher's endpoints are measured on the first ``--pair-num`` pairs.
@@ -95,8 +98,9 @@ def plot(rows, ref, path: Path) -> None:
         pts = sorted((r for r in rows if r["model"] == label), key=lambda r: r["nfe"])
         for ax, key, scale in ((axes[0], "fid", 1), (axes[1], "class_accuracy", 100)):
             ax.plot([p["nfe"] for p in pts], [scale * p[key] for p in pts], marker="o", color=f"C{i}", label=label)
-    axes[0].axhline(ref["fid"], color="gray", ls=":", label=f"teacher, {ref['steps']} steps")
-    axes[1].axhline(100 * ref["class_accuracy"], color="gray", ls=":", label=f"teacher, {ref['steps']} steps")
+    tag = f"teacher, {ref['solver']} {ref['nfe']} NFE"
+    axes[0].axhline(ref["fid"], color="gray", ls=":", label=tag)
+    axes[1].axhline(100 * ref["class_accuracy"], color="gray", ls=":", label=tag)
     axes[0].set(xscale="log", yscale="log", xlabel="NFE", ylabel="FID (evaluator features)", title="FID vs NFE")
     axes[1].set(xscale="log", xlabel="NFE", ylabel="class accuracy (%)", title="class accuracy vs NFE")
     for ax in axes:
@@ -114,8 +118,12 @@ def main() -> None:
     ap.add_argument("--num", type=int, default=2000, help="samples per cell")
     ap.add_argument("--seeds", default="0")
     ap.add_argument("--nfe", default="1,2,4")
-    ap.add_argument("--teacher-steps", type=int, default=50, help="steps of the teacher's reference sampling")
-    ap.add_argument("--teacher-solver", default="euler")
+    ap.add_argument("--ref-solver", default="heun", help="solver of the teacher's quality reference")
+    ap.add_argument("--ref-steps", type=int, default=8, help="steps of the teacher's quality reference")
+    ap.add_argument("--ref-seeds", help="seeds of the quality reference (default: --seeds)")
+    ap.add_argument("--time-steps", type=int, default=50, help="Euler steps of the teacher's time reference")
+    ap.add_argument("--time-num", type=int, default=500, help="images of the time reference")
+    ap.add_argument("--teacher-solver", default="euler", help="the teacher's few-step solver (1 NFE per step)")
     ap.add_argument("--teacher-cfg", type=float, help="teacher guidance (default: the pairs' cfg)")
     ap.add_argument("--student-cfg", type=float, default=1.0)
     ap.add_argument("--pair-num", type=int, default=500, help="pairs for straightness and endpoint error")
@@ -144,11 +152,18 @@ def main() -> None:
             raise SystemExit(f"student {run} makes {meta['data']['shape']} images, the teacher {tmeta['data']['shape']}")
         models.append((label, run, solver, args.student_cfg, m, meta))
 
-    # The reference: the teacher's many-step sampling, timed in this run.
-    ref = quality(teacher, tmeta, args.teacher_solver, args.teacher_steps, t_cfg, labels, seeds, dataset, root)
-    ref["steps"] = args.teacher_steps
-    print(f"teacher {args.teacher_steps} steps: FID {ref['fid']:.2f} acc {100 * ref['class_accuracy']:.1f}% "
-          f"{1000 * ref['seconds_per_image']:.2f} ms/image", flush=True)
+    # Quality reference: the teacher's best multi-step setting. Time reference: its 50-step
+    # Euler sampling of one batch, timed here so that the ratios share the machine's state.
+    ref_seeds = [int(v) for v in args.ref_seeds.split(",")] if args.ref_seeds else seeds
+    ref = quality(teacher, tmeta, args.ref_solver, args.ref_steps, t_cfg, labels, ref_seeds, dataset, root)
+    ref.update(steps=args.ref_steps, seeds=ref_seeds)
+    t_labels = balanced_labels(teacher.num_classes, args.time_num)
+    t0 = time.perf_counter()
+    generate(teacher, t_labels, tuple(tmeta["data"]["shape"]), solver="euler", steps=args.time_steps, cfg_scale=t_cfg,
+             seed=seeds[0], batch_size=500)
+    t_ref = (time.perf_counter() - t0) / args.time_num
+    print(f"teacher {args.ref_solver} {args.ref_steps} steps: FID {ref['fid']:.2f} acc {100 * ref['class_accuracy']:.1f}%; "
+          f"{args.time_steps}-step Euler {1000 * t_ref:.2f} ms/image", flush=True)
 
     rows, summary = [], []
     for label, run, solver, cfg, model, meta in models:
@@ -157,7 +172,7 @@ def main() -> None:
         summary.append({"model": label, "run": run, "params": params, "solver": solver, "cfg": cfg, **cm})
         for k in nfes:
             r = quality(model, meta, solver, k, cfg, labels, seeds, dataset, root)
-            r.update(model=label, run=run, params=params, time_ratio=r["seconds_per_image"] / ref["seconds_per_image"],
+            r.update(model=label, run=run, params=params, time_ratio=r["seconds_per_image"] / t_ref,
                      pair_mse=cm[f"pair_mse_{k}"])
             rows.append(r)
             print(f"{label:12s} {solver:8s} NFE {r['nfe']}: FID {r['fid']:.2f} acc {100 * r['class_accuracy']:.1f}% "
@@ -165,17 +180,18 @@ def main() -> None:
 
     cmd = "python benchmarks/distill.py " + " ".join(sys.argv[1:])
     name = args.name or f"{dataset}_distill"
-    pm = lambda r, k: f" ± {r[k + '_std']:.2f}" if len(seeds) > 1 else ""  # noqa: E731
+    pm = lambda r, k: f" ± {r[k + '_std']:.2f}" if r[k + "_std"] else ""  # noqa: E731
     lines = [f"Teacher `{args.teacher}`, pairs `{args.pairs}` ({len(pairs)} pairs, settings {pairs.settings}); "
              f"{args.num} samples per cell, seeds {args.seeds}; FID on the evaluator's penultimate features against "
              f"the {dataset} training set.",
              f"Machine: {info['cpu']}, {info['cores']} cores, torch {info['torch']}, load average at start "
              f"{info['load_average'][0]:.2f}, commit {info['commit']}, {time.perf_counter() - t_start:.0f} s in all.",
              f"Command: `{cmd}`", "",
-             f"Reference: teacher, {args.teacher_solver} {args.teacher_steps} steps, cfg {t_cfg:g}: FID {ref['fid']:.2f}, "
-             f"class accuracy {100 * ref['class_accuracy']:.1f}%, {1000 * ref['seconds_per_image']:.3f} ms per image "
-             f"(time ratio 1).", "",
-             "| model | params | solver | cfg | NFE | FID | FID (guide) | class acc. % | time / teacher 50-step | "
+             f"Quality reference: teacher, {args.ref_solver} {args.ref_steps} steps ({ref['nfe']} NFE), cfg {t_cfg:g}, "
+             f"seeds {','.join(map(str, ref_seeds))}: FID {ref['fid']:.2f}{pm(ref, 'fid')}, class accuracy "
+             f"{100 * ref['class_accuracy']:.1f}%. Time reference: teacher, Euler {args.time_steps} steps, cfg "
+             f"{t_cfg:g}, {1000 * t_ref:.2f} ms per image ({args.time_num} images).", "",
+             f"| model | params | solver | cfg | NFE | FID | FID (guide) | class acc. % | time / teacher {args.time_steps}-step | "
              "MSE to teacher endpoint |",
              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in rows:
@@ -186,7 +202,21 @@ def main() -> None:
               f"and the coupling's transport cost {transport_cost(pairs.noise, pairs.sample):.4f}:", "",
               "| model | straightness |", "| --- | --- |"]
     lines += [f"| {s['model']} | {s['straightness']:.4f} |" for s in summary]
-    md = write_results(name, {"machine": info, "command": cmd, "reference": ref, "rows": rows, "models": summary},
+    lines += ["", "Against the goals (FID at 2 NFE <= 2x the quality reference, at 1 NFE <= 3x, stretch 2x; class "
+              "accuracy >= 90%):", "", "| model | FID 1 NFE / ref | FID 2 NFE / ref | acc. 1 NFE % | 1 NFE goal | "
+              "2 NFE goal |", "| --- | --- | --- | --- | --- | --- |"]
+    for label in dict.fromkeys(r["model"] for r in rows):
+        by = {r["nfe"]: r for r in rows if r["model"] == label}
+        if 1 not in by or 2 not in by:
+            continue
+        f1, f2 = by[1]["fid"] / ref["fid"], by[2]["fid"] / ref["fid"]
+        a1, a2 = by[1]["class_accuracy"], by[2]["class_accuracy"]
+        g1 = "stretch" if f1 <= 2 and a1 >= 0.9 else ("met" if f1 <= 3 and a1 >= 0.9 else "missed")
+        g2 = "met" if f2 <= 2 and a2 >= 0.9 else "missed"
+        lines.append(f"| {label} | {f1:.2f} | {f2:.2f} | {100 * a1:.1f} | {g1} | {g2} |")
+    md = write_results(name, {"machine": info, "command": cmd, "reference": ref,
+                        "time_reference": {"steps": args.time_steps, "images": args.time_num, "seconds_per_image": t_ref},
+                        "rows": rows, "models": summary},
                        "\n".join(lines), out=Path(args.out))
     plot(rows, ref, md.with_suffix(".png"))
     print("\n".join(lines))
