@@ -310,6 +310,9 @@ def test_renoise_sampler_recovers_a_straight_endpoint_in_one_step_and_reuses_the
     res = sample(curved, z, solver="renoise", steps=3, schedule="uniform")
     assert torch.allclose(res.x, _renoise_by_hand(curved, z, [1.0, 2 / 3, 1 / 3, 0.0]), atol=1e-5)
     assert not torch.allclose(res.x, sample(curved, z, solver="euler", steps=3, schedule="uniform").x, atol=1e-3)
+    # At two steps it is Euler: the last step lands at t = 0, where z has no weight.
+    two = sample(curved, z, solver="renoise", steps=2, schedule="uniform").x
+    assert torch.allclose(two, sample(curved, z, solver="euler", steps=2, schedule="uniform").x, atol=1e-6)
 
 
 # -- SlimFlow ---------------------------------------------------------------------------------

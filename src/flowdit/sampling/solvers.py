@@ -209,7 +209,9 @@ class Renoise(Solver):
     ``z`` is the state at the first grid time (the noise when the grid starts at t = 1,
     as in the paper's code, which starts at ``1 - 1e-5``); the loop starts every run with
     ``state = None``, so it is never shared between runs. One step from t = 1 equals one
-    Euler step. 1 NFE per step; ``x, z: [B, ...]``.
+    Euler step, and so does the last step to t' = 0 (where ``z`` has no weight): on a grid
+    from 1 to 0 the sampler equals Euler at 1 and 2 steps and differs from 3 steps on.
+    1 NFE per step; ``x, z: [B, ...]``.
     """
 
     name = "renoise"
