@@ -40,6 +40,7 @@ from flowdit.sampling.sample import sample
 from flowdit.sampling.solvers import build_solver
 from flowdit.train.outputs import balanced_labels
 from flowdit.train.run import load_run_model
+from flowdit.utils.precision import autocast
 
 METRICS = ("fid", "fid_guide", "precision", "recall", "class_accuracy")
 
@@ -56,13 +57,14 @@ def parse_student(spec: str) -> tuple[str, str, str]:
     return label, run, solver
 
 
-def quality(model, meta, solver, steps, cfg, labels, seeds, dataset, root) -> dict:
+def quality(model, meta, solver, steps, cfg, labels, seeds, dataset, root, amp_dtype=None) -> dict:
     """Mean (and std over seeds) of the evaluator metrics, NFE and seconds per image."""
     shape = tuple(meta["data"]["shape"])
     runs, secs, nfe = [], 0.0, 0
     for s in seeds:
         t0 = time.perf_counter()
-        gen = generate(model, labels, shape, solver=solver, steps=steps, cfg_scale=cfg, seed=s, batch_size=500)
+        gen = generate(model, labels, shape, solver=solver, steps=steps, cfg_scale=cfg, seed=s, batch_size=500,
+                       amp_dtype=amp_dtype)
         secs += time.perf_counter() - t0
         nfe = max(nfe, gen.nfe)
         runs.append(evaluate_samples(gen.images, gen.labels, dataset, root=root, seed=s))
@@ -75,11 +77,16 @@ def quality(model, meta, solver, steps, cfg, labels, seeds, dataset, root) -> di
     return out
 
 
-def coupling_metrics(model, solver, cfg, pairs, n, nfe_list, straight_steps) -> dict:
+def coupling_metrics(model, solver, cfg, pairs, n, nfe_list, straight_steps, amp_dtype=None) -> dict:
     """Straightness of the model's flow from the pairs' noise, and the mean squared error per
     dimension of its k-NFE samples to the teacher's endpoints."""
     z, y, target = pairs.noise[:n], pairs.label[:n], pairs.sample[:n]
-    fn = cfg_velocity(model, y, model.null_class, cfg)
+    guided = cfg_velocity(model, y, model.null_class, cfg)
+
+    def fn(x, t):
+        with autocast("cpu", amp_dtype):
+            return guided(x, t).float()
+
     out = {"straightness": straightness(fn, z, solver="euler", steps=straight_steps).straightness}
     for k in nfe_list:
         x = sample(fn, z, solver=solver, steps=k).x
@@ -128,6 +135,8 @@ def main() -> None:
     ap.add_argument("--student-cfg", type=float, default=1.0)
     ap.add_argument("--pair-num", type=int, default=500, help="pairs for straightness and endpoint error")
     ap.add_argument("--straight-steps", type=int, default=32)
+    ap.add_argument("--precision", choices=["fp32", "bf16"], default="fp32",
+                    help="autocast of every model call (the time reference too)")
     ap.add_argument("--name", help="result file name (default: <dataset>_distill)")
     ap.add_argument("--out", default=str(RESULTS), help="directory of the result files")
     args = ap.parse_args()
@@ -136,6 +145,7 @@ def main() -> None:
     info = machine_info()
     t_start = time.perf_counter()
     seeds = [int(s) for s in args.seeds.split(",")]
+    amp = torch.bfloat16 if args.precision == "bf16" else None
     nfes = [int(v) for v in args.nfe.split(",")]
     teacher, tmeta = load_run_model(args.teacher)
     dataset, root = tmeta["config"]["data"]["dataset"], tmeta["config"]["data"].get("root")
@@ -155,12 +165,12 @@ def main() -> None:
     # Quality reference: the teacher's best multi-step setting. Time reference: its 50-step
     # Euler sampling of one batch, timed here so that the ratios share the machine's state.
     ref_seeds = [int(v) for v in args.ref_seeds.split(",")] if args.ref_seeds else seeds
-    ref = quality(teacher, tmeta, args.ref_solver, args.ref_steps, t_cfg, labels, ref_seeds, dataset, root)
+    ref = quality(teacher, tmeta, args.ref_solver, args.ref_steps, t_cfg, labels, ref_seeds, dataset, root, amp)
     ref.update(steps=args.ref_steps, seeds=ref_seeds)
     t_labels = balanced_labels(teacher.num_classes, args.time_num)
     t0 = time.perf_counter()
     generate(teacher, t_labels, tuple(tmeta["data"]["shape"]), solver="euler", steps=args.time_steps, cfg_scale=t_cfg,
-             seed=seeds[0], batch_size=500)
+             seed=seeds[0], batch_size=500, amp_dtype=amp)
     t_ref = (time.perf_counter() - t0) / args.time_num
     print(f"teacher {args.ref_solver} {args.ref_steps} steps: FID {ref['fid']:.2f} acc {100 * ref['class_accuracy']:.1f}%; "
           f"{args.time_steps}-step Euler {1000 * t_ref:.2f} ms/image", flush=True)
@@ -168,10 +178,10 @@ def main() -> None:
     rows, summary = [], []
     for label, run, solver, cfg, model, meta in models:
         params = sum(p.numel() for p in model.parameters())
-        cm = coupling_metrics(model, solver, cfg, pairs, n_pairs, nfes, args.straight_steps)
+        cm = coupling_metrics(model, solver, cfg, pairs, n_pairs, nfes, args.straight_steps, amp)
         summary.append({"model": label, "run": run, "params": params, "solver": solver, "cfg": cfg, **cm})
         for k in nfes:
-            r = quality(model, meta, solver, k, cfg, labels, seeds, dataset, root)
+            r = quality(model, meta, solver, k, cfg, labels, seeds, dataset, root, amp)
             r.update(model=label, run=run, params=params, time_ratio=r["seconds_per_image"] / t_ref,
                      pair_mse=cm[f"pair_mse_{k}"])
             rows.append(r)
@@ -182,7 +192,7 @@ def main() -> None:
     name = args.name or f"{dataset}_distill"
     pm = lambda r, k: f" ± {r[k + '_std']:.2f}" if r[k + "_std"] else ""  # noqa: E731
     lines = [f"Teacher `{args.teacher}`, pairs `{args.pairs}` ({len(pairs)} pairs, settings {pairs.settings}); "
-             f"{args.num} samples per cell, seeds {args.seeds}; FID on the evaluator's penultimate features against "
+             f"{args.num} samples per cell, seeds {args.seeds}, {args.precision}; FID on the evaluator's penultimate features against "
              f"the {dataset} training set.",
              f"Machine: {info['cpu']}, {info['cores']} cores, torch {info['torch']}, load average at start "
              f"{info['load_average'][0]:.2f}, commit {info['commit']}, {time.perf_counter() - t_start:.0f} s in all.",

@@ -152,6 +152,38 @@ def test_null_label_default_and_bf16_autocast_close_to_fp32():
     assert (out - ref).abs().max() / ref.abs().max() < 0.05
 
 
+def test_cpu_bf16_training_attention_runs_in_fp32(monkeypatch):
+    """Under bf16 autocast on a CPU, a differentiated attention call hands fp32 q/k/v to
+    SDPA (its bf16 backward is the slow kernel there); inference keeps bf16; gradients of
+    the bf16 step stay close to fp32's."""
+    import torch.nn.functional as F
+
+    import flowdit.models.attention as attention
+
+    model = _trained_like(build_model("DiT-tiny", 8, 3, 10))
+    x, t, y = _inputs(4, 3, 8)
+    seen = []
+    sdpa = F.scaled_dot_product_attention
+
+    def recording(q, k, v, *a, **kw):
+        seen.append((q.dtype, torch.is_autocast_enabled("cpu")))
+        return sdpa(q, k, v, *a, **kw)
+
+    monkeypatch.setattr(attention.F, "scaled_dot_product_attention", recording)
+    ref = torch.autograd.grad(model(x, t, y).square().mean(), model.blocks[0].attn.qkv.weight)[0]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(x, t, y)
+    g = torch.autograd.grad(out.float().square().mean(), model.blocks[0].attn.qkv.weight)[0]
+    depth = len(model.blocks)
+    assert seen[:depth] == [(torch.float32, False)] * depth  # fp32 model, no autocast
+    assert seen[depth:] == [(torch.float32, False)] * depth  # bf16 training: upcast, autocast off
+    assert (g - ref).norm() / ref.norm() < 0.05
+    seen.clear()
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        model(x, t, y)
+    assert seen == [(torch.bfloat16, True)] * depth  # inference keeps the bf16 kernel
+
+
 def test_bad_configs_are_refused():
     with pytest.raises(ConfigError, match="patch_size"):
         build_model("DiT-tiny", 7, 3, 10)

@@ -44,13 +44,31 @@ def merge_heads(o: torch.Tensor) -> torch.Tensor:
     return o.transpose(1, 2).reshape(B, N, H * Dh)
 
 
+def cpu_bf16_training(q: torch.Tensor) -> bool:
+    """True for bf16 attention inputs on a CPU that will be differentiated.
+
+    PyTorch's CPU flash-attention *backward* in bf16 is several times slower than in fp32
+    (DiT-mnist, 49 tokens, head dim 32: 145 vs 34 ms for forward + backward of one layer;
+    the whole bf16 training step was slower than fp32 because of it), while its forward
+    is as fast in either precision. So a CPU training step runs attention in fp32 and
+    everything else in bf16; `benchmarks/attention_cpu.py` measures the choice.
+    """
+    return q.device.type == "cpu" and q.dtype == torch.bfloat16 and q.requires_grad
+
+
 class SDPAProcessor:
     """Default processor: ``torch.nn.functional.scaled_dot_product_attention``, which picks
-    the flash / memory-efficient / math kernel for the device and dtype."""
+    the flash / memory-efficient / math kernel for the device and dtype. On a CPU under
+    bf16 autocast, a differentiated call runs in fp32 (see :func:`cpu_bf16_training`)."""
 
     def __call__(self, attn: "Attention", x: torch.Tensor, ctx: Any = None) -> torch.Tensor:
         q, k, v = qkv_heads(attn, x)
-        o = F.scaled_dot_product_attention(q, k, v)
+        if cpu_bf16_training(q):
+            # Autocast would cast fp32 inputs straight back to bf16 for this op.
+            with torch.autocast("cpu", enabled=False):
+                o = F.scaled_dot_product_attention(q.float(), k.float(), v.float()).to(q.dtype)
+        else:
+            o = F.scaled_dot_product_attention(q, k, v)
         return attn.proj(merge_heads(o))
 
 
