@@ -209,7 +209,7 @@ def test_reflow_trains_on_the_pairs_through_the_core_trainer(tmp_path):
     tiny = ["model.name=DiT-tiny", "train.batch_size=16", "train.precision=fp32", "train.steps=2",
             "train.ckpt_every=2", f"out_dir={tmp_path}", "flow.label_dropout=0"]
     assert main(["train", "--no-progress", "--no-outputs", *tiny, "name=teacher"]) == 0
-    assert main(["reflow", "pairs", "--ckpt", str(tmp_path / "teacher"), "--num", "40", "--out",
+    assert main(["reflow", "pairs", "--ckpt", str(tmp_path / "teacher"), "-n", "40", "--out",
                  str(tmp_path / "pairs"), "--steps", "2", "--precision", "fp32", "--no-progress"]) == 0
     cfg = load_config(RunConfig, None, tiny + ["name=student", f"data.pairs={tmp_path / 'pairs'}",
                                                f"train.init_from={tmp_path / 'teacher'}"])

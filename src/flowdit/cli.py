@@ -453,7 +453,8 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Sample from a run's EMA weights to a PNG grid or an .npz (ADM layout: "
                                    "arr_0 uint8 [N,H,W,C], arr_1 int64 labels).")
     s.add_argument("--ckpt", required=True, help="run directory or checkpoint directory")
-    s.add_argument("--num", type=int, default=100, help="number of samples")
+    # -n as well: under torchrun, "--num" is refused as an abbreviation of its --numa-binding.
+    s.add_argument("-n", "--num", type=int, default=100, help="number of samples (-n under torchrun)")
     s.add_argument("--classes", help="comma-separated class indices (default: all classes, balanced)")
     s.add_argument("--solver", default="heun", help="euler, heun, midpoint, rf2, rf3, fireflow, renoise (2-RF++ few-step) or dopri5")
     s.add_argument("--steps", type=int, default=16, help="solver steps (ignored by dopri5)")
@@ -496,7 +497,7 @@ def build_parser() -> argparse.ArgumentParser:
                                       "shards with a manifest. Deterministic per seed; run it again to resume; "
                                       "under torchrun each process writes its own shards.")
     rp.add_argument("--ckpt", required=True, help="run directory or checkpoint directory of the teacher")
-    rp.add_argument("--num", type=int, required=True, help="number of pairs")
+    rp.add_argument("-n", "--num", type=int, required=True, help="number of pairs (-n under torchrun)")
     rp.add_argument("--out", required=True, help="output directory")
     rp.add_argument("--solver", default="rf2")
     rp.add_argument("--steps", type=int, default=8)
