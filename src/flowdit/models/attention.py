@@ -48,8 +48,8 @@ def cpu_bf16_training(q: torch.Tensor) -> bool:
     """True for bf16 attention inputs on a CPU that will be differentiated.
 
     PyTorch's CPU flash-attention *backward* in bf16 is several times slower than in fp32
-    (DiT-mnist, 49 tokens, head dim 32: 145 vs 34 ms for forward + backward of one layer;
-    the whole bf16 training step was slower than fp32 because of it), while its forward
+    (DiT-mnist, 49 tokens, head dim 32: 115 vs 16 ms for forward + backward of one layer on
+    a 2-core AMX Xeon; the whole bf16 training step was slower than fp32 because of it), while its forward
     is as fast in either precision. So a CPU training step runs attention in fp32 and
     everything else in bf16; `benchmarks/attention_cpu.py` measures the choice.
     """
