@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from common import machine_info, timed, write_results
-from flowdit.models.attention import SDPAProcessor, merge_heads, qkv_heads
+from flowdit.models.attention import SDPAProcessor, merge_heads, qkv_heads, sdpa
 from flowdit.models.registry import build_model
 from vs_diffusers import MODELS, make_calls
 
@@ -44,10 +44,7 @@ def attention_layer(shape: tuple[int, int, int, int], mode: str):
     q, k, v = (torch.randn(shape, dtype=dtype, requires_grad=True) for _ in range(3))
 
     def call():
-        if mode == "bf16 upcast":
-            o = F.scaled_dot_product_attention(q.float(), k.float(), v.float()).to(q.dtype)
-        else:
-            o = F.scaled_dot_product_attention(q, k, v)
+        o = sdpa(q, k, v) if mode == "bf16 upcast" else F.scaled_dot_product_attention(q, k, v)
         o.float().sum().backward()
 
     return call

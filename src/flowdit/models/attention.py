@@ -56,20 +56,23 @@ def cpu_bf16_training(q: torch.Tensor) -> bool:
     return q.device.type == "cpu" and q.dtype == torch.bfloat16 and q.requires_grad
 
 
+def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """``softmax(q k^T / sqrt(Dh)) v`` for ``[B, H, N, Dh]`` heads through PyTorch's SDPA, in
+    fp32 for a differentiated bf16 call on a CPU (:func:`cpu_bf16_training`), else as given."""
+    if not cpu_bf16_training(q):
+        return F.scaled_dot_product_attention(q, k, v)
+    # Autocast would cast fp32 inputs straight back to bf16 for this op.
+    with torch.autocast("cpu", enabled=False):
+        return F.scaled_dot_product_attention(q.float(), k.float(), v.float()).to(q.dtype)
+
+
 class SDPAProcessor:
     """Default processor: ``torch.nn.functional.scaled_dot_product_attention``, which picks
     the flash / memory-efficient / math kernel for the device and dtype. On a CPU under
     bf16 autocast, a differentiated call runs in fp32 (see :func:`cpu_bf16_training`)."""
 
     def __call__(self, attn: "Attention", x: torch.Tensor, ctx: Any = None) -> torch.Tensor:
-        q, k, v = qkv_heads(attn, x)
-        if cpu_bf16_training(q):
-            # Autocast would cast fp32 inputs straight back to bf16 for this op.
-            with torch.autocast("cpu", enabled=False):
-                o = F.scaled_dot_product_attention(q.float(), k.float(), v.float()).to(q.dtype)
-        else:
-            o = F.scaled_dot_product_attention(q, k, v)
-        return attn.proj(merge_heads(o))
+        return attn.proj(merge_heads(sdpa(*qkv_heads(attn, x))))
 
 
 class MathProcessor:
