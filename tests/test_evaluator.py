@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from flowdit.cli import main
-from flowdit.data import load_digits, load_mnist
+from flowdit.data import load_digits, load_mnist, to_float, to_uint8
 from flowdit.errors import CheckpointError, DataError
 from flowdit.eval.evaluator import WEIGHTS_DIR, accuracy, load_classifier, read_manifest
 from flowdit.utils.files import sha256_file
@@ -109,3 +109,14 @@ def test_inception_fid_without_weights_is_a_clear_error(tmp_path, capsys):
     missing = tmp_path / "inception.pth"
     assert main(["eval", "--samples", str(npz), "--dataset", "digits", "--inception-weights", str(missing)]) == 2
     assert "Inception weights not found" in capsys.readouterr().err
+
+
+def test_samples_are_scored_as_saved_images():
+    # An overshooting sampler's values beyond [-1, 1] cannot be stored in an image file; the
+    # in-memory tensor must get the numbers of its own saved (clamped, 8-bit) copy.
+    x, y = _digits_test()
+    over = x * 1.6 + 0.05 * torch.randn_like(x)
+    saved = to_float(to_uint8(over))
+    a, b = evaluate_samples(over, y, "digits"), evaluate_samples(saved, y, "digits")
+    for k in ("fid", "fid_guide", "precision", "recall", "class_accuracy"):
+        assert a[k] == pytest.approx(b[k], rel=1e-6, abs=1e-9), k

@@ -12,6 +12,12 @@ requested labels, if any):
   k = 3) in the evaluator's feature space, against as many real images as samples;
 * ``class_accuracy``: the fraction of samples the evaluator assigns to their label.
 
+Samples are scored as they would be saved: clamped to ``[-1, 1]`` and rounded to 8 bits
+(``to_float(to_uint8(x))``), so that a tensor held in memory and the ``.npz`` written from
+it get the same numbers. Without that, a model whose one-step outputs overshoot the pixel
+range is scored on values no image file can hold, and its FID comes out far worse than
+that of its own saved samples.
+
 Real-data features are computed once per (data set, split, network weights) and cached
 under ``$FLOWDIT_CACHE`` (default ``~/.cache/flowdit``).
 """
@@ -27,6 +33,7 @@ import numpy as np
 import torch
 
 from .data import build_dataset
+from .data.base import to_float, to_uint8
 from .errors import DataError
 from .eval.evaluator import load_classifier, predict
 from .eval.fid import feature_statistics, frechet_distance
@@ -74,6 +81,7 @@ def evaluate_samples(images: torch.Tensor, labels: Optional[torch.Tensor], datas
                      root: Optional[str] = None, ref_split: str = "train", seed: int = 0) -> dict:
     """All sample metrics (see the module docstring) as a flat dict of floats."""
     check_shape(images, dataset, root)
+    images = to_float(to_uint8(images))
     t0 = time.perf_counter()
     out: dict = {"dataset": dataset, "num_samples": len(images), "reference_split": ref_split}
     for kind, prefix in (("evaluator", ""), ("guide", "_guide")):
