@@ -412,6 +412,14 @@ def test_guide_feature_distance_is_a_differentiable_distance():
     dist.sum().backward()
     assert b.grad is not None and b.grad.abs().sum() > 0
     assert all(not p.requires_grad for p in guide.parameters())
+    # A fixed target takes the no-autograd path: the same distance and the same gradient
+    # as when both sides are differentiated together.
+    a2 = a.clone().requires_grad_(True)
+    b2 = b.detach().clone().requires_grad_(True)
+    both = d(b2, a2)
+    both.sum().backward()
+    assert torch.allclose(both, dist.detach(), atol=1e-6)
+    assert torch.allclose(b2.grad, b.grad, atol=1e-6) and a2.grad.abs().sum() > 0
 
 
 # -- configuration and the core trainer ------------------------------------------------------

@@ -86,12 +86,20 @@ class FeatureDistance(nn.Module):
         """Distance per sample ``[B]`` (float32) between ``a`` and ``b`` ``[B, C, H, W]``."""
         if a.shape != b.shape:
             raise ConfigError(f"perceptual distance of shapes {tuple(a.shape)} and {tuple(b.shape)}")
-        both = self.layer_features(torch.cat([a.float(), b.float()]))
-        n = a.shape[0]
-        d = torch.zeros(n, device=a.device)
-        for f in both:
-            fa, fb = _unit(f[:n].float()), _unit(f[n:].float())
-            d = d + (fa - fb).pow(2).sum(dim=1).flatten(1).mean(dim=1)
+        if b.requires_grad:
+            both = self.layer_features(torch.cat([a.float(), b.float()]))
+            n = a.shape[0]
+            pairs = [(f[:n], f[n:]) for f in both]
+        else:
+            # A fixed target (the usual case: a teacher endpoint or a detached two-step
+            # target) needs no graph: its features are computed without autograd, which
+            # spares the backward pass over half of the batch.
+            with torch.no_grad():
+                fbs = self.layer_features(b.float())
+            pairs = list(zip(self.layer_features(a.float()), fbs))
+        d = torch.zeros(a.shape[0], device=a.device)
+        for fa, fb in pairs:
+            d = d + (_unit(fa.float()) - _unit(fb.float())).pow(2).sum(dim=1).flatten(1).mean(dim=1)
         return d
 
 
