@@ -271,7 +271,7 @@ def test_bench_accel_writes_table_json_and_plot(tmp_path, monkeypatch):
     assert main(["train", "--no-progress", "--no-outputs", *tiny, f"out_dir={tmp_path}", "name=r"]) == 0
     assert main(["bench", "accel", "--run", str(tmp_path / "r"), "--num", "20", "--seeds", "0,1", "--solver", "euler",
                  "--steps", "6", "--fewer-steps", "2,3", "--methods", "fora:interval=2;taylorseer:interval=3,order=1",
-                 "--out-dir", str(tmp_path / "res"), "--name", "a", "--device", "cpu"]) == 0
+                 "--out-dir", str(tmp_path / "res"), "--name", "a", "--device", "cpu", "--precision", "bf16"]) == 0
     rows = json.loads((tmp_path / "res" / "a.json").read_text())["rows"]
     assert [r["method"] for r in rows] == ["uncached", "uncached, 2 steps", "uncached, 3 steps",
                                            "fora:interval=2", "taylorseer:interval=3,order=1"]
@@ -280,4 +280,4 @@ def test_bench_accel_writes_table_json_and_plot(tmp_path, monkeypatch):
     assert abs(fora["flops_ratio"] - 0.5) < 1e-9 and fora["fewer_steps_fid_at_same_flops"] is not None
     assert rows[0]["psnr"] >= 100 and all(r["fid"] > 0 for r in rows)
     md = (tmp_path / "res" / "a.md").read_text()
-    assert "| fora:interval=2 |" in md and (tmp_path / "res" / "a.png").is_file()
+    assert "CFG 1.5, bf16;" in md and "| fora:interval=2 |" in md and (tmp_path / "res" / "a.png").is_file()

@@ -23,6 +23,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cfg", type=float, default=1.5)
     p.add_argument("--methods", default=DEFAULT_METHODS, help="policy specs separated by ';'")
     p.add_argument("--fewer-steps", default="1,2,3,4,5,6,8,10,12", help="step counts of the fewer-steps baseline")
+    p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
+                   help="model precision while sampling (bf16: autocast; the fast path on AMX CPUs and GPUs)")
     p.add_argument("--batch-size", type=int, default=500)
     p.add_argument("--device", help="cpu or cuda (default: cuda when available)")
     p.add_argument("--out-dir", default="benchmarks/results")
