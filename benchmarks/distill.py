@@ -57,6 +57,15 @@ def parse_student(spec: str) -> tuple[str, str, str]:
     return label, run, solver
 
 
+def trained_with_guide(meta) -> bool:
+    """Whether a run's loss used the guide network (a perceptual distance on its features):
+    then FID in the guide's feature space is not an independent view of that model."""
+    cfg = meta.get("config", {})
+    flow, dist = cfg.get("flow", {}), cfg.get("distill", {})
+    perceptual = dist.get("loss") == "perceptual" or (flow.get("loss") == "rfpp" and flow.get("perceptual_weight", 1.0) > 0)
+    return perceptual and flow.get("perceptual", "guide") == "guide"
+
+
 def quality(model, meta, solver, steps, cfg, labels, seeds, dataset, root, amp_dtype=None) -> dict:
     """Mean (and std over seeds) of the evaluator metrics, NFE and seconds per image."""
     shape = tuple(meta["data"]["shape"])
@@ -183,7 +192,7 @@ def main() -> None:
         for k in nfes:
             r = quality(model, meta, solver, k, cfg, labels, seeds, dataset, root, amp)
             r.update(model=label, run=run, params=params, time_ratio=r["seconds_per_image"] / t_ref,
-                     pair_mse=cm[f"pair_mse_{k}"])
+                     pair_mse=cm[f"pair_mse_{k}"], guide_in_loss=trained_with_guide(meta))
             rows.append(r)
             print(f"{label:12s} {solver:8s} NFE {r['nfe']}: FID {r['fid']:.2f} acc {100 * r['class_accuracy']:.1f}% "
                   f"time x{r['time_ratio']:.3f} pair MSE {r['pair_mse']:.4f}", flush=True)
@@ -206,8 +215,12 @@ def main() -> None:
              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in rows:
         lines.append(f"| {r['model']} | {r['params'] / 1e6:.2f}M | {r['solver']} | {r['cfg']:g} | {r['nfe']} | "
-                     f"{r['fid']:.2f}{pm(r, 'fid')} | {r['fid_guide']:.2f} | {100 * r['class_accuracy']:.1f} | "
+                     f"{r['fid']:.2f}{pm(r, 'fid')} | {r['fid_guide']:.2f}{'*' if r['guide_in_loss'] else ''} | "
+                     f"{100 * r['class_accuracy']:.1f} | "
                      f"{r['time_ratio']:.3f} | {r['pair_mse']:.4f} |")
+    if any(r["guide_in_loss"] for r in rows):
+        lines += ["", "\\* trained with the guide network's perceptual distance, so its FID in the guide's features "
+                  "is not an independent view; read the evaluator's FID."]
     lines += ["", f"Straightness (Euler, {args.straight_steps} steps, first {n_pairs} pairs' noise; per dimension) "
               f"and the coupling's transport cost {transport_cost(pairs.noise, pairs.sample):.4f}:", "",
               "| model | straightness |", "| --- | --- |"]
