@@ -31,8 +31,9 @@ def _losses(run_dir):
     return [json.loads(l)["loss"] for l in open(Path(run_dir) / "metrics.jsonl")]
 
 
-def test_end_to_end_train_and_sample_cli(tmp_path):
-    rc = main(["train", "--no-progress", "train.steps=6", "train.ckpt_every=3", *TINY, f"out_dir={tmp_path}", "name=e2e"])
+def test_end_to_end_train_and_sample_cli(tmp_path, capsys):
+    rc = main(["train", "--no-progress", "train.steps=6", "train.ckpt_every=3", *TINY, "sample.cfg=1.25",
+               f"out_dir={tmp_path}", "name=e2e"])
     assert rc == 0
     run = tmp_path / "e2e"
     for f in ("config.yaml", "metrics.jsonl", "samples.png", "samples.npz", "metrics.json"):
@@ -55,8 +56,11 @@ def test_end_to_end_train_and_sample_cli(tmp_path):
           "--seed", "1", "--out", str(out2), "--no-progress"])
     assert np.array_equal(np.load(out2)["arr_0"], z["arr_0"])
     png = tmp_path / "g.png"
+    capsys.readouterr()
     assert main(["sample", "--ckpt", str(run), "--num", "4", "--steps", "1", "--out", str(png), "--no-progress"]) == 0
     assert png.stat().st_size > 0
+    # Without --cfg the run's own guidance scale is used, not a fixed default.
+    assert "cfg 1.25)" in capsys.readouterr().out
 
 
 def test_cli_errors_are_one_line(tmp_path, capsys):

@@ -100,6 +100,10 @@ def cmd_sample(args: argparse.Namespace) -> int:
     shift = args.shift
     if shift is None:
         shift = float(meta.get("config", {}).get("flow", {}).get("shift", 1.0))
+    if args.cfg is None:
+        # The run's own guidance: a student trained on guided pairs (label_dropout 0) has an
+        # untrained null class, and a fixed default scale would guide through it.
+        args.cfg = float(meta.get("config", {}).get("sample", {}).get("cfg", 1.5))
     gen = generate(model, labels, shape, solver=args.solver, steps=args.steps, cfg_scale=args.cfg,
                    guidance_interval=_parse_interval(args.guidance_interval), shift=shift, seed=args.seed,
                    batch_size=args.batch_size, amp_dtype=autocast_dtype(args.precision, device),
@@ -458,7 +462,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--classes", help="comma-separated class indices (default: all classes, balanced)")
     s.add_argument("--solver", default="heun", help="euler, heun, midpoint, rf2, rf3, fireflow, renoise (2-RF++ few-step) or dopri5")
     s.add_argument("--steps", type=int, default=16, help="solver steps (ignored by dopri5)")
-    s.add_argument("--cfg", type=float, default=1.5, help="classifier-free guidance scale (1 = none)")
+    s.add_argument("--cfg", type=float, help="classifier-free guidance scale (1 = none; default: the run's sample.cfg)")
     s.add_argument("--guidance-interval", help="apply guidance only for t in [lo,hi], e.g. 0.1,0.9")
     s.add_argument("--shift", type=float, help="time shift of the schedule (default: the run's flow.shift)")
     s.add_argument("--tol", type=float, default=1e-4, help="rtol = atol of adaptive solvers")
