@@ -101,8 +101,8 @@ def cmd_sample(args: argparse.Namespace) -> int:
     if shift is None:
         shift = float(meta.get("config", {}).get("flow", {}).get("shift", 1.0))
     if args.cfg is None:
-        # The run's own guidance: a student trained on guided pairs (label_dropout 0) has an
-        # untrained null class, and a fixed default scale would guide through it.
+        # The run's own guidance: a student trained on guided pairs (label_dropout 0) never
+        # updates its null class, and a fixed default scale would guide through it.
         args.cfg = float(meta.get("config", {}).get("sample", {}).get("cfg", 1.5))
     gen = generate(model, labels, shape, solver=args.solver, steps=args.steps, cfg_scale=args.cfg,
                    guidance_interval=_parse_interval(args.guidance_interval), shift=shift, seed=args.seed,
