@@ -116,10 +116,19 @@ def plot(rows, ref, path: Path) -> None:
             ax.plot([p["nfe"] for p in pts], [scale * p[key] for p in pts], marker="o", color=f"C{i}", label=label)
     tag = f"teacher, {ref['solver']} {ref['nfe']} NFE"
     axes[0].axhline(ref["fid"], color="gray", ls=":", label=tag)
+    axes[0].axhline(2 * ref["fid"], color="gray", ls="--", lw=0.8, label="2x the teacher (2-NFE goal)")
+    axes[0].axhline(3 * ref["fid"], color="gray", ls="-.", lw=0.8, label="3x the teacher (1-NFE goal)")
     axes[1].axhline(100 * ref["class_accuracy"], color="gray", ls=":", label=tag)
     axes[0].set(xscale="log", yscale="log", xlabel="NFE", ylabel="FID (evaluator features)", title="FID vs NFE")
+    fids = [r["fid"] for r in rows] + [ref["fid"]]
+    ticks = [v for v in (10, 15, 20, 30, 50, 100, 200, 300, 500, 1000) if min(fids) * 0.8 <= v <= max(fids) * 1.25]
+    axes[0].set_yticks(ticks, [str(v) for v in ticks])
+    axes[0].yaxis.set_minor_locator(matplotlib.ticker.NullLocator())
     axes[1].set(xscale="log", xlabel="NFE", ylabel="class accuracy (%)", title="class accuracy vs NFE")
+    nfes = sorted({r["nfe"] for r in rows})
     for ax in axes:
+        ax.set_xticks(nfes, [str(k) for k in nfes])
+        ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
         ax.grid(alpha=0.3, which="both")
         ax.legend(fontsize=7)
     fig.tight_layout()
