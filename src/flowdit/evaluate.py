@@ -14,9 +14,8 @@ requested labels, if any):
 
 Samples are scored as they would be saved: clamped to ``[-1, 1]`` and rounded to 8 bits
 (``to_float(to_uint8(x))``), so that a tensor held in memory and the ``.npz`` written from
-it get the same numbers. Without that, a model whose one-step outputs overshoot the pixel
-range is scored on values no image file can hold, and its FID comes out far worse than
-that of its own saved samples.
+it get the same numbers, and values beyond the pixel range (which no image file can hold)
+are never scored as they are.
 
 Real-data features are computed once per (data set, split, network weights) and cached
 under ``$FLOWDIT_CACHE`` (default ``~/.cache/flowdit``).
@@ -32,8 +31,7 @@ from typing import Optional
 import numpy as np
 import torch
 
-from .data import build_dataset
-from .data.base import to_float, to_uint8
+from .data import build_dataset, to_float, to_uint8
 from .errors import DataError
 from .eval.evaluator import load_classifier, predict
 from .eval.fid import feature_statistics, frechet_distance
