@@ -33,7 +33,7 @@ from flowdit.evaluate import evaluate_samples
 from flowdit.sampling.generate import generate
 from flowdit.sampling.solvers import build_solver
 from flowdit.train.outputs import balanced_labels
-from flowdit.train.checkpoint import load_checkpoint
+from flowdit.train.checkpoint import resolve_checkpoint
 from flowdit.train.run import load_run_model
 
 LABELS = {"euler": "Euler", "heun": "Heun", "midpoint": "midpoint / RF-Solver-2", "rf2": "RF-Solver-2",
@@ -137,8 +137,8 @@ def main() -> None:
     # Finished cells of an interrupted run with the same settings are reused, keyed by what defines a cell.
     cells_path = RESULTS / f"{name}.cells.jsonl"
     # The EMA weights' checksum is part of the key: a retrained run in the same directory starts afresh.
-    ckpt = load_checkpoint(args.run, load_tensors_only=True)
-    weights = json.loads((ckpt.path / "manifest.json").read_text())["files"]["ema.safetensors"]["sha256"]
+    manifest = resolve_checkpoint(args.run) / "manifest.json"
+    weights = json.loads(manifest.read_text())["files"]["ema.safetensors"]["sha256"]
     setting = {"run": args.run, "weights": weights, "num": args.num, "seeds": seeds, "precision": args.precision,
                "compile": args.compile}
     done_cells = {}

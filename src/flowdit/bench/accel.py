@@ -50,7 +50,7 @@ def _sample(model, meta, labels, seed, policy, args, steps, device):
 
     shape = tuple(meta["data"]["shape"])
     shift = float(meta["config"]["flow"].get("shift", 1.0))
-    amp = torch.bfloat16 if getattr(args, "precision", "fp32") == "bf16" else None
+    amp = torch.bfloat16 if args.precision == "bf16" else None
     return generate(model, labels, shape, solver=args.solver, steps=steps, cfg_scale=args.cfg, shift=shift,
                     seed=seed, batch_size=args.batch_size, device=device, accel=policy, amp_dtype=amp)
 
@@ -199,7 +199,7 @@ def run(args: argparse.Namespace) -> Path:
     mc = meta["model_config"]
     lines = [
         f"Model: `{args.run}` (width {mc['hidden_size']}, depth {mc['depth']}, patch {mc['patch_size']}); "
-        f"{args.solver}, {args.steps} steps, CFG {args.cfg:g}, {getattr(args, 'precision', 'fp32')}; {args.num} samples "
+        f"{args.solver}, {args.steps} steps, CFG {args.cfg:g}, {args.precision}; {args.num} samples "
         f"per seed, seeds {args.seeds}; "
         f"FID on the evaluator's features against the {dataset} training set; PSNR/SSIM against the uncached "
         "output of the same seeds.",

@@ -39,6 +39,7 @@ __all__ = [
     "latest_checkpoint",
     "load_checkpoint",
     "load_state_dict_strict",
+    "resolve_checkpoint",
     "save_checkpoint",
 ]
 
@@ -322,7 +323,10 @@ def latest_checkpoint(run_dir: str | os.PathLike) -> Path | None:
     return max(complete, key=lambda sp: sp[0])[1]
 
 
-def _resolve(path: Path) -> Path:
+def resolve_checkpoint(path: str | os.PathLike) -> Path:
+    """The checkpoint directory that ``path`` (a checkpoint, run or ``checkpoints``
+    directory) stands for, as :func:`load_checkpoint` reads it; nothing is loaded."""
+    path = Path(path)
     if (path / MANIFEST).is_file():
         return path
     if not path.exists():
@@ -353,7 +357,7 @@ def load_checkpoint(
     :class:`CheckpointError` naming the file. ``trainer_state.pt`` is read with
     ``torch.load(weights_only=True)`` only, and skipped when ``load_tensors_only``.
     """
-    ckpt = _resolve(Path(path))
+    ckpt = resolve_checkpoint(path)
     manifest = _read_manifest(ckpt / MANIFEST)
     for fname, entry in manifest["files"].items():
         _check_file(ckpt / fname, entry, verify)
