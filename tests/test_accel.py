@@ -279,5 +279,39 @@ def test_bench_accel_writes_table_json_and_plot(tmp_path, monkeypatch):
     assert fora["full_calls"] == 6 and fora["model_calls"] == 12  # 2 seeds x 6 calls, every second one full
     assert abs(fora["flops_ratio"] - 0.5) < 1e-9 and fora["fewer_steps_fid_at_same_flops"] is not None
     assert rows[0]["psnr"] >= 100 and all(r["fid"] > 0 for r in rows)
+    assert rows[0]["dfid_vs_uncached"] == [0.0, 0.0] and len(fora["fid_per_seed"]) == 2
+    assert abs(fora["dfid_vs_uncached"][0] - (fora["fid"] - rows[0]["fid"])) < 1e-9
     md = (tmp_path / "res" / "a.md").read_text()
     assert "CFG 1.5, bf16;" in md and "| fora:interval=2 |" in md and (tmp_path / "res" / "a.png").is_file()
+    assert "reused" not in md
+
+
+def test_bench_accel_resumes_from_its_cells(tmp_path, monkeypatch):
+    """A second run with the same arguments samples nothing again and gives the same table;
+    a changed setting (another guidance scale) does not reuse the cells; --fresh starts over."""
+    import json
+
+    from flowdit.bench import accel as bench
+    from flowdit.cli import main
+
+    monkeypatch.setenv("FLOWDIT_CACHE", str(tmp_path / "cache"))
+    tiny = ["data.dataset=digits", "model.name=DiT-tiny", "train.batch_size=16", "train.precision=fp32",
+            "optim.warmup_steps=1", "train.steps=2", "train.ckpt_every=2"]
+    assert main(["train", "--no-progress", "--no-outputs", *tiny, f"out_dir={tmp_path}", "name=r"]) == 0
+    argv = ["bench", "accel", "--run", str(tmp_path / "r"), "--num", "10", "--seeds", "0,1", "--solver", "euler",
+            "--steps", "4", "--fewer-steps", "2", "--methods", "fora:interval=2", "--out-dir", str(tmp_path / "res"),
+            "--name", "a", "--device", "cpu"]
+    assert main(argv) == 0
+    first = json.loads((tmp_path / "res" / "a.json").read_text())["rows"]
+    calls = []
+    real = bench.measure
+    monkeypatch.setattr(bench, "measure", lambda *a, **k: calls.append(a[4]) or real(*a, **k))
+    assert main(argv) == 0
+    assert calls == []
+    again = json.loads((tmp_path / "res" / "a.json").read_text())["rows"]
+    assert [(r["fid"], r["seconds"]) for r in again] == [(r["fid"], r["seconds"]) for r in first]
+    assert "4 of 4 measurements were reused" in (tmp_path / "res" / "a.md").read_text()
+    assert main(argv + ["--cfg", "1.0"]) == 0
+    assert len(calls) == 4
+    assert main(argv + ["--fresh"]) == 0
+    assert len(calls) == 8

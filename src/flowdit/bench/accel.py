@@ -17,14 +17,24 @@ the given solver, steps and guidance, and reports:
 The honest baseline -- the uncached sampler with fewer steps (``--fewer-steps``) -- is
 run too; each method is compared with that curve at the same FLOPs and at the same
 wall-clock speedup (linear interpolation; "n/a" outside its range), and counts as beating
-it when its FID is lower than the curve's at the same wall-clock time. Results go to
-``<out-dir>/<name>.{json,md,png}``.
+it when its FID is lower than the curve's at the same wall-clock time. Because every row
+samples the same seeds and classes, FID differences are also given per seed (paired):
+the method's FID minus the uncached sampler's, and minus the fewer-steps curve's at the
+same time, as mean +- std over seeds. The seed-to-seed spread of FID itself is mostly
+shared by all rows, so the paired spread is the one that says whether a gap is real.
+
+Every finished measurement is saved under ``<out-dir>/<name>.cells/`` (its images and
+timings, keyed by the model's weights checksum and every sampling setting); a killed run
+started again with the same arguments reuses them (``--fresh`` starts over). Results go
+to ``<out-dir>/<name>.{json,md,png}``.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
+import os
 import statistics
 import sys
 import time
@@ -86,8 +96,50 @@ def measure(model, meta, labels, seeds, spec, args, steps, device, reference=Non
     return row
 
 
+class Cells:
+    """Finished measurements of one benchmark, saved so that a killed run resumes.
+
+    One file per measurement, ``<dir>/<key hash>.pt``, holding the row (timings, counts)
+    and its images; written to a temporary name and renamed, so a file is whole or absent.
+    The key is the measurement's own name plus ``setting`` (model checksum, sampler,
+    guidance, precision, seeds, sample count), so a changed setting never reuses a cell.
+    """
+
+    def __init__(self, directory: Path, setting: dict, fresh: bool = False):
+        self.dir, self.setting = directory, setting
+        self.reused: list[str] = []
+        if fresh and directory.is_dir():
+            for f in directory.glob("*.pt"):
+                f.unlink()
+
+    def _path(self, name: str) -> Path:
+        key = json.dumps({"name": name, **self.setting}, sort_keys=True)
+        return self.dir / f"{hashlib.sha256(key.encode()).hexdigest()[:20]}.pt"
+
+    def get(self, name: str) -> dict | None:
+        path = self._path(name)
+        if not path.is_file():
+            return None
+        try:
+            rec = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:  # a damaged cell is measured again, not trusted
+            print(f"ignoring unreadable cell {path}: {e}", file=sys.stderr, flush=True)
+            return None
+        if rec.get("name") != name or rec.get("setting") != self.setting:
+            return None
+        self.reused.append(name)
+        return rec["row"]
+
+    def put(self, name: str, row: dict) -> None:
+        self.dir.mkdir(parents=True, exist_ok=True)
+        path = self._path(name)
+        tmp = path.with_suffix(".tmp")
+        torch.save({"name": name, "setting": self.setting, "row": row}, tmp)
+        os.replace(tmp, path)
+
+
 def quality(row, labels, seeds, dataset, root, reference) -> None:
-    """Add FID, class accuracy, PSNR and SSIM (means over seeds) to ``row``."""
+    """Add FID (mean, std and per seed), class accuracy, PSNR and SSIM (means over seeds) to ``row``."""
     from flowdit.eval.pixel import psnr, ssim
     from flowdit.evaluate import evaluate_samples
 
@@ -100,11 +152,16 @@ def quality(row, labels, seeds, dataset, root, reference) -> None:
             p = psnr(img, reference[i])
             ps.append(float(p.clamp(max=100.0).mean()))
             ss.append(float(ssim(img, reference[i]).mean()))
+    row["fid_per_seed"] = fid
     row["fid"] = statistics.fmean(fid)
     row["fid_std"] = statistics.stdev(fid) if len(fid) > 1 else 0.0
     row["class_accuracy"] = statistics.fmean(acc)
     row["psnr"] = statistics.fmean(ps) if ps else None
     row["ssim"] = statistics.fmean(ss) if ss else None
+
+
+def _mean_std(xs: list[float]) -> tuple[float, float]:
+    return statistics.fmean(xs), (statistics.stdev(xs) if len(xs) > 1 else 0.0)
 
 
 def _interp(x: float, pts: list[tuple[float, float]]) -> float | None:
@@ -160,22 +217,36 @@ def run(args: argparse.Namespace) -> Path:
     info = machine_info()
     t_start = time.perf_counter()
 
-    ref = measure(model, meta, labels, seeds, None, args, args.steps, device)
+    from flowdit.train.checkpoint import resolve_checkpoint
+
+    manifest = json.loads((resolve_checkpoint(args.run) / "manifest.json").read_text())
+    setting = {"weights": manifest["files"]["ema.safetensors"]["sha256"], "solver": args.solver, "cfg": args.cfg,
+               "precision": args.precision, "num": args.num, "seeds": seeds, "device": device.type}
+    cells = Cells(Path(args.out_dir) / f"{args.name}.cells", setting, fresh=args.fresh)
+
+    def cached_measure(name, spec, steps):
+        row = cells.get(name)
+        if row is None:
+            row = measure(model, meta, labels, seeds, spec, args, steps, device)
+            cells.put(name, row)
+        return row
+
+    ref = cached_measure(f"uncached x{args.steps}", None, args.steps)
     reference = list(ref["_images"])
     ref["kind"] = "reference"
     rows = [ref]
     print(f"uncached {args.solver} x{args.steps}: {ref['seconds']:.2f} s", flush=True)
     for steps in fewer:
-        r = measure(model, meta, labels, seeds, None, args, steps, device)
+        r = cached_measure(f"uncached x{steps}", None, steps)
         r["kind"], r["method"] = "fewer_steps", f"uncached, {steps} steps"
         rows.append(r)
         print(f"{r['method']}: {r['seconds']:.2f} s", flush=True)
     for spec in specs:
-        r = measure(model, meta, labels, seeds, spec, args, args.steps, device)
+        r = cached_measure(f"{spec} x{args.steps}", spec, args.steps)
         r["kind"] = "cache"
         rows.append(r)
         print(f"{spec}: {r['seconds']:.2f} s, {r['full_calls']}/{r['model_calls']} full calls", flush=True)
-    again = measure(model, meta, labels, seeds, None, args, args.steps, device)
+    again = cached_measure(f"uncached x{args.steps}, timed last", None, args.steps)
     again.pop("_images")
     base_secs = (ref["seconds"] + again["seconds"]) / 2
 
@@ -187,12 +258,19 @@ def run(args: argparse.Namespace) -> Path:
     # The honest baseline, read off at a cache's compute and at its wall-clock time.
     by_flops = [(r["gflops_per_image"], r["fid"]) for r in rows if r["kind"] != "cache"]
     by_time = [(r["speedup"], r["fid"]) for r in rows if r["kind"] != "cache"]
+    curve = [r for r in rows if r["kind"] != "cache"]
     for r in rows:
+        # Paired by seed: the same noise and classes went into both FIDs.
+        r["dfid_vs_uncached"] = _mean_std([a - b for a, b in zip(r["fid_per_seed"], ref["fid_per_seed"])])
         if r["kind"] == "cache":
             r["fewer_steps_fid_at_same_flops"] = _interp(r["gflops_per_image"], by_flops)
             at = _interp(r["speedup"], by_time)
             r["fewer_steps_fid_at_same_time"] = at
             r["beats_fewer_steps"] = None if at is None else r["fid"] < at
+            per_seed = [_interp(r["speedup"], [(c["speedup"], c["fid_per_seed"][i]) for c in curve])
+                        for i in range(len(seeds))]
+            r["dfid_vs_fewer_steps"] = (None if at is None else
+                                        _mean_std([a - b for a, b in zip(r["fid_per_seed"], per_seed)]))
 
     argv = sys.argv[3:] if sys.argv[1:3] == ["bench", "accel"] else sys.argv[1:]
     cmd = "flowdit bench accel " + " ".join(argv)
@@ -207,24 +285,33 @@ def run(args: argparse.Namespace) -> Path:
         + (f", {info['cuda']}" if info["cuda"] else "")
         + f", load average at start {info['load_average'][0]:.2f}, commit {info['commit']}, "
         f"{time.perf_counter() - t_start:.0f} s in all. Uncached sampler timed first ({ref['seconds']:.2f} s) and last "
-        f"({again['seconds']:.2f} s); speedups use the mean.",
+        f"({again['seconds']:.2f} s); speedups use the mean."
+        + (f" {len(cells.reused)} of {len(rows) + 1} measurements were reused from an interrupted run of the "
+           "same command (same machine, timed in that process)." if cells.reused else ""),
         f"Command: `{cmd}`", "",
-        "| method | steps | NFE | NFE-equiv. (FLOPs) | block GFLOPs / img | speedup | FID | class acc. % | "
-        "PSNR dB | SSIM | full / all calls | cache MB | FID of fewer steps: same FLOPs | same time | beats it? |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "dFID columns are paired by seed (mean ± std over seeds of the per-seed difference): against the uncached "
+        "sampler, and against the fewer-steps curve at the same wall-clock time; negative is better.", "",
+        "| method | steps | NFE | NFE-equiv. (FLOPs) | block GFLOPs / img | speedup | FID | dFID vs uncached | "
+        "class acc. % | PSNR dB | SSIM | full / all calls | cache MB | FID of fewer steps: same FLOPs | same time | "
+        "dFID vs it | beats it? |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     def num(x):
         return "" if x is None else f"{x:.2f}"
+
+    def pm(ms):
+        return "" if ms is None else f"{ms[0]:+.2f} ± {ms[1]:.2f}"
 
     for r in rows:
         beats = {None: "n/a" if r["kind"] == "cache" else "", True: "yes", False: "no"}[r.get("beats_fewer_steps")]
         fid = f"{r['fid']:.2f}" + (f" ± {r['fid_std']:.2f}" if len(seeds) > 1 else "")
         lines.append(
             f"| {r['method']} | {r['steps']} | {r['nfe']} | {r['nfe_equivalent']:.1f} | {r['gflops_per_image']:.4f} | "
-            f"{r['speedup']:.2f}x | {fid} | {100 * r['class_accuracy']:.1f} | "
+            f"{r['speedup']:.2f}x | {fid} | {'' if r['kind'] == 'reference' else pm(r['dfid_vs_uncached'])} | "
+            f"{100 * r['class_accuracy']:.1f} | "
             f"{'inf' if r['psnr'] is not None and r['psnr'] >= 100 else format(r['psnr'], '.1f')} | {r['ssim']:.3f} | "
             f"{r['full_calls']}/{r['model_calls']} | {r['cache_mb']:.2f} | {num(r.get('fewer_steps_fid_at_same_flops'))} | "
-            f"{num(r.get('fewer_steps_fid_at_same_time'))} | "
+            f"{num(r.get('fewer_steps_fid_at_same_time'))} | {pm(r.get('dfid_vs_fewer_steps'))} | "
             f"{beats} |")
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)

@@ -29,3 +29,5 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", help="cpu or cuda (default: cuda when available)")
     p.add_argument("--out-dir", default="benchmarks/results")
     p.add_argument("--name", default="accel", help="result file name")
+    p.add_argument("--fresh", action="store_true",
+                   help="measure everything again instead of reusing the saved cells of an interrupted run")
