@@ -14,13 +14,18 @@ noise) under the same evaluator. Writes ``benchmarks/results/<name>.{json,md,png
 
 Every finished cell is appended to ``benchmarks/results/<name>.cells.jsonl``; a killed run
 started again with the same arguments skips the cells already there (``--fresh`` starts
-over). ``--precision bf16`` samples under bf16 autocast (the model's weights stay fp32).
+over). A grid can be split over processes (one per guidance scale, say) that share the cells
+file; ``--from-cells`` then writes the table from the finished cells without sampling,
+lists the cells that were not measured, and leaves out the seconds per image (the cells'
+timings come from different processes and loads). ``--precision bf16`` samples under bf16
+autocast (the model's weights stay fp32).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import statistics
 import sys
 import time
@@ -113,6 +118,8 @@ def main() -> None:
     ap.add_argument("--compile", action="store_true", help="sample with torch.compile (one compile per batch shape)")
     ap.add_argument("--name", help="result file name (default: <dataset>_quality)")
     ap.add_argument("--fresh", action="store_true", help="ignore the cells of an earlier, interrupted run")
+    ap.add_argument("--from-cells", action="store_true",
+                    help="sample nothing: write the table from the finished cells, listing the missing ones")
     args = ap.parse_args()
 
     torch.manual_seed(0)
@@ -142,6 +149,8 @@ def main() -> None:
     setting = {"run": args.run, "weights": weights, "num": args.num, "seeds": seeds, "precision": args.precision,
                "compile": args.compile}
     done_cells = {}
+    if args.fresh and args.from_cells:
+        ap.error("--fresh and --from-cells exclude each other")
     if cells_path.exists() and not args.fresh:
         for line in cells_path.read_text().splitlines():
             try:
@@ -158,13 +167,16 @@ def main() -> None:
         key = (solver, steps, cfg, tol)
         if key in done_cells:
             return done_cells[key]
+        if args.from_cells:
+            missing.append(f"{LABELS.get(solver, solver)} CFG {cfg:g} " + (f"tol {tol:g}" if tol else f"{steps} steps"))
+            return None
         r = cell(model, meta, solver, steps, cfg, args.num, seeds, dataset, root, tol=tol or 1e-4,
                  amp_dtype=amp_dtype)
         with open(cells_path, "a") as f:
             f.write(json.dumps({**r, "setting": setting}) + "\n")
         return r
 
-    rows = []
+    rows, missing = [], []
     for cfg in [float(c) for c in args.cfg.split(",")]:
         for solver in args.solvers.split(","):
             k = build_solver(solver).nfe_per_step
@@ -175,17 +187,22 @@ def main() -> None:
                     continue
                 done.add(steps)
                 r = run_cell(solver, steps, cfg)
+                if r is None:
+                    continue
                 rows.append(r)
                 print(f"{solver:9s} cfg {cfg:g} steps {steps:3d} NFE {r['nfe']:3d}: FID {fmt(r)}  "
                       f"FID_guide {fmt(r, 'fid_guide')}  acc {fmt(r, 'class_accuracy')}%  "
                       f"P {r['precision']:.3f} R {r['recall']:.3f}", flush=True)
         for tol in [float(t) for t in args.tols.split(",") if t]:
             r = run_cell("dopri5", 0, cfg, tol=tol)
+            if r is None:
+                continue
             rows.append(r)
             print(f"dopri5    cfg {cfg:g} tol {tol:g} NFE {r['nfe']:3d}: FID {fmt(r)}  acc {fmt(r, 'class_accuracy')}%",
                   flush=True)
 
-    cmd = "python benchmarks/quality_vs_nfe.py " + " ".join(sys.argv[1:])
+    cmd = "python benchmarks/quality_vs_nfe.py " + shlex.join(sys.argv[1:])
+    timed = not args.from_cells
     lines = [f"Model: `{args.run}` ({meta['model_config']['hidden_size']} wide, depth {meta['model_config']['depth']}, "
              f"patch {meta['model_config']['patch_size']}); {args.num} samples per cell, seeds {args.seeds}, "
              f"sampling in {args.precision}{' with torch.compile' if args.compile else ''}; "
@@ -193,18 +210,23 @@ def main() -> None:
              f"Machine: {info['cpu']}, {info['cores']} cores, torch {info['torch']}, load average at start "
              f"{info['load_average'][0]:.2f}, commit {info['commit']}, {time.perf_counter() - t_start:.0f} s in all "
              f"(this invocation). Scoring one set of {args.num} samples takes "
-             f"{statistics.fmean(r['eval_seconds_per_run'] for r in rows):.1f} s.",
-             f"Command: `{cmd}`", "",
-             f"Floor (real test images, {n_ref}): FID {refs['floor']['fid']:.2f}, FID_guide {refs['floor']['fid_guide']:.2f}, "
-             f"class accuracy {100 * refs['floor']['class_accuracy']:.1f}%. Ceiling (uniform noise): FID "
-             f"{refs['ceiling']['fid']:.1f}.", "",
-             "| solver | cfg | steps | NFE | FID | FID (guide features) | class acc. % | precision | recall | s / image |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+             f"{statistics.median(r['eval_seconds_per_run'] for r in rows):.1f} s (median over the cells).",
+             f"Command: `{cmd}`", ""]
+    if not timed:
+        lines += [f"Written from the finished cells of `{cells_path.name}`; the seconds per image are left out "
+                  "because the cells were sampled in different processes under different loads."
+                  + (f" Not measured: {'; '.join(missing)}." if missing else ""), ""]
+    lines += [f"Floor (real test images, {n_ref}): FID {refs['floor']['fid']:.2f}, FID_guide "
+              f"{refs['floor']['fid_guide']:.2f}, class accuracy {100 * refs['floor']['class_accuracy']:.1f}%. "
+              f"Ceiling (uniform noise): FID {refs['ceiling']['fid']:.1f}.", "",
+              "| solver | cfg | steps | NFE | FID | FID (guide features) | class acc. % | precision | recall |"
+              + (" s / image |" if timed else ""),
+              "| --- | --- | --- | --- | --- | --- | --- | --- | --- |" + (" --- |" if timed else "")]
     for r in rows:
         steps = f"tol {r['tol']:g}" if r["solver"] == "dopri5" else str(r["steps"])
         lines.append(f"| {LABELS.get(r['solver'], r['solver'])} | {r['cfg']:g} | {steps} | {r['nfe']} | {fmt(r)} | "
-                     f"{fmt(r, 'fid_guide')} | {fmt(r, 'class_accuracy')} | {r['precision']:.3f} | {r['recall']:.3f} | "
-                     f"{r['sample_seconds_per_image']:.4f} |")
+                     f"{fmt(r, 'fid_guide')} | {fmt(r, 'class_accuracy')} | {r['precision']:.3f} | {r['recall']:.3f} |"
+                     + (f" {r['sample_seconds_per_image']:.4f} |" if timed else ""))
     md = write_results(name, {"machine": info, "command": cmd, "refs": refs, "rows": rows}, "\n".join(lines))
     plot(rows, refs, md.with_suffix(".png"))
     print("\n".join(lines))

@@ -35,6 +35,7 @@ import argparse
 import hashlib
 import json
 import os
+import shlex
 import statistics
 import sys
 import time
@@ -273,7 +274,7 @@ def run(args: argparse.Namespace) -> Path:
                                         _mean_std([a - b for a, b in zip(r["fid_per_seed"], per_seed)]))
 
     argv = sys.argv[3:] if sys.argv[1:3] == ["bench", "accel"] else sys.argv[1:]
-    cmd = "flowdit bench accel " + " ".join(argv)
+    cmd = "flowdit bench accel " + shlex.join(argv)
     mc = meta["model_config"]
     lines = [
         f"Model: `{args.run}` (width {mc['hidden_size']}, depth {mc['depth']}, patch {mc['patch_size']}); "
