@@ -38,7 +38,7 @@ from flowdit.evaluate import evaluate_samples
 from flowdit.sampling.generate import generate
 from flowdit.sampling.solvers import build_solver
 from flowdit.train.outputs import balanced_labels
-from flowdit.train.checkpoint import resolve_checkpoint
+from flowdit.train.checkpoint import tensors_checksum
 from flowdit.train.run import load_run_model
 
 LABELS = {"euler": "Euler", "heun": "Heun", "midpoint": "midpoint / RF-Solver-2", "rf2": "RF-Solver-2",
@@ -144,8 +144,7 @@ def main() -> None:
     # Finished cells of an interrupted run with the same settings are reused, keyed by what defines a cell.
     cells_path = RESULTS / f"{name}.cells.jsonl"
     # The EMA weights' checksum is part of the key: a retrained run in the same directory starts afresh.
-    manifest = resolve_checkpoint(args.run) / "manifest.json"
-    weights = json.loads(manifest.read_text())["files"]["ema.safetensors"]["sha256"]
+    weights = tensors_checksum(args.run)
     setting = {"run": args.run, "weights": weights, "num": args.num, "seeds": seeds, "precision": args.precision,
                "compile": args.compile}
     done_cells = {}
@@ -201,6 +200,8 @@ def main() -> None:
             print(f"dopri5    cfg {cfg:g} tol {tol:g} NFE {r['nfe']:3d}: FID {fmt(r)}  acc {fmt(r, 'class_accuracy')}%",
                   flush=True)
 
+    if not rows:
+        sys.exit(f"{cells_path}: no finished cells for these settings (model checksum, samples, seeds, precision)")
     cmd = "python benchmarks/quality_vs_nfe.py " + shlex.join(sys.argv[1:])
     timed = not args.from_cells
     lines = [f"Model: `{args.run}` ({meta['model_config']['hidden_size']} wide, depth {meta['model_config']['depth']}, "

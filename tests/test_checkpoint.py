@@ -14,6 +14,7 @@ from flowdit.train.checkpoint import (
     load_checkpoint,
     load_state_dict_strict,
     save_checkpoint,
+    tensors_checksum,
 )
 
 
@@ -253,3 +254,16 @@ def _rewrite_manifest_entry(path, name):
     data = (path / name).read_bytes()
     manifest["files"][name] = {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
     (path / "manifest.json").write_text(json.dumps(manifest))
+
+
+def test_tensors_checksum_is_the_files_sha256_and_follows_the_weights(tmp_path):
+    """The checksum read from the manifest is the SHA-256 of the tensor file on disk, the
+    run directory resolves to its latest checkpoint, and other weights give another value."""
+    first = save_simple(tmp_path, 1, value=1.0)
+    digest = hashlib.sha256((first / "model.safetensors").read_bytes()).hexdigest()
+    assert tensors_checksum(first, "model") == digest
+    assert tensors_checksum(tmp_path, "model") == digest
+    save_simple(tmp_path, 2, value=2.0)
+    assert tensors_checksum(tmp_path, "model") != digest
+    with pytest.raises(CheckpointError, match="no ema.safetensors listed"):
+        tensors_checksum(first)

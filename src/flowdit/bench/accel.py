@@ -218,10 +218,9 @@ def run(args: argparse.Namespace) -> Path:
     info = machine_info()
     t_start = time.perf_counter()
 
-    from flowdit.train.checkpoint import resolve_checkpoint
+    from flowdit.train.checkpoint import tensors_checksum
 
-    manifest = json.loads((resolve_checkpoint(args.run) / "manifest.json").read_text())
-    setting = {"weights": manifest["files"]["ema.safetensors"]["sha256"], "solver": args.solver, "cfg": args.cfg,
+    setting = {"weights": tensors_checksum(args.run), "solver": args.solver, "cfg": args.cfg,
                "precision": args.precision, "num": args.num, "seeds": seeds, "device": device.type}
     cells = Cells(Path(args.out_dir) / f"{args.name}.cells", setting, fresh=args.fresh)
 

@@ -41,6 +41,7 @@ __all__ = [
     "load_state_dict_strict",
     "resolve_checkpoint",
     "save_checkpoint",
+    "tensors_checksum",
 ]
 
 FORMAT_VERSION = 1
@@ -339,6 +340,18 @@ def resolve_checkpoint(path: str | os.PathLike) -> Path:
     if found is None:
         raise CheckpointError(f"{path}: no checkpoint found")
     return found
+
+
+def tensors_checksum(path: str | os.PathLike, group: str = "ema") -> str:
+    """SHA-256 of one tensor group's file (``"ema"``, ``"model"``) of the checkpoint that
+    ``path`` stands for, as its manifest records it; nothing is loaded or hashed again.
+    Results keyed by it are never reused for other weights."""
+    ckpt = resolve_checkpoint(path)
+    files = json.loads((ckpt / MANIFEST).read_text())["files"]
+    name = f"{group}.safetensors"
+    if name not in files:
+        raise CheckpointError(f"{ckpt / MANIFEST}: no {name} listed")
+    return files[name]["sha256"]
 
 
 # --------------------------------------------------------------------------- loading
