@@ -121,6 +121,8 @@ def main() -> None:
     ap.add_argument("--from-cells", action="store_true",
                     help="sample nothing: write the table from the finished cells, listing the missing ones")
     args = ap.parse_args()
+    if args.fresh and args.from_cells:  # before the model is loaded
+        ap.error("--fresh and --from-cells exclude each other")
 
     torch.manual_seed(0)
     model, meta = load_run_model(args.run)
@@ -148,8 +150,6 @@ def main() -> None:
     setting = {"run": args.run, "weights": weights, "num": args.num, "seeds": seeds, "precision": args.precision,
                "compile": args.compile}
     done_cells = {}
-    if args.fresh and args.from_cells:
-        ap.error("--fresh and --from-cells exclude each other")
     if cells_path.exists() and not args.fresh:
         for line in cells_path.read_text().splitlines():
             try:

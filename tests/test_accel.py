@@ -258,6 +258,16 @@ def test_cli_rejects_bad_accel_spec_before_loading(tmp_path, capsys):
     assert rc == 2 and "has no parameter 'every'; valid: interval, warmup, cfg" in capsys.readouterr().err
 
 
+def _two_step_run(tmp_path, monkeypatch):
+    """A two-step DiT-tiny digits run at ``tmp_path / "r"``, evaluator cache under ``tmp_path``."""
+    from flowdit.cli import main
+
+    monkeypatch.setenv("FLOWDIT_CACHE", str(tmp_path / "cache"))
+    tiny = ["data.dataset=digits", "model.name=DiT-tiny", "train.batch_size=16", "train.precision=fp32",
+            "optim.warmup_steps=1", "train.steps=2", "train.ckpt_every=2"]
+    assert main(["train", "--no-progress", "--no-outputs", *tiny, f"out_dir={tmp_path}", "name=r"]) == 0
+
+
 def test_bench_accel_writes_table_json_and_plot(tmp_path, monkeypatch):
     """End to end on a two-step digits run: every row is present and the baseline columns
     are filled from the fewer-steps curve."""
@@ -265,10 +275,7 @@ def test_bench_accel_writes_table_json_and_plot(tmp_path, monkeypatch):
 
     from flowdit.cli import main
 
-    monkeypatch.setenv("FLOWDIT_CACHE", str(tmp_path / "cache"))
-    tiny = ["data.dataset=digits", "model.name=DiT-tiny", "train.batch_size=16", "train.precision=fp32",
-            "optim.warmup_steps=1", "train.steps=2", "train.ckpt_every=2"]
-    assert main(["train", "--no-progress", "--no-outputs", *tiny, f"out_dir={tmp_path}", "name=r"]) == 0
+    _two_step_run(tmp_path, monkeypatch)
     assert main(["bench", "accel", "--run", str(tmp_path / "r"), "--num", "20", "--seeds", "0,1", "--solver", "euler",
                  "--steps", "6", "--fewer-steps", "2,3", "--methods", "fora:interval=2;taylorseer:interval=3,order=1",
                  "--out-dir", str(tmp_path / "res"), "--name", "a", "--device", "cpu", "--precision", "bf16"]) == 0
@@ -294,10 +301,7 @@ def test_bench_accel_resumes_from_its_cells(tmp_path, monkeypatch):
     from flowdit.bench import accel as bench
     from flowdit.cli import main
 
-    monkeypatch.setenv("FLOWDIT_CACHE", str(tmp_path / "cache"))
-    tiny = ["data.dataset=digits", "model.name=DiT-tiny", "train.batch_size=16", "train.precision=fp32",
-            "optim.warmup_steps=1", "train.steps=2", "train.ckpt_every=2"]
-    assert main(["train", "--no-progress", "--no-outputs", *tiny, f"out_dir={tmp_path}", "name=r"]) == 0
+    _two_step_run(tmp_path, monkeypatch)
     argv = ["bench", "accel", "--run", str(tmp_path / "r"), "--num", "10", "--seeds", "0,1", "--solver", "euler",
             "--steps", "4", "--fewer-steps", "2", "--methods", "fora:interval=2", "--out-dir", str(tmp_path / "res"),
             "--name", "a", "--device", "cpu"]

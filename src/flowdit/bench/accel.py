@@ -161,8 +161,10 @@ def quality(row, labels, seeds, dataset, root, reference) -> None:
     row["ssim"] = statistics.fmean(ss) if ss else None
 
 
-def _mean_std(xs: list[float]) -> tuple[float, float]:
-    return statistics.fmean(xs), (statistics.stdev(xs) if len(xs) > 1 else 0.0)
+def _paired(a: list[float], b: list[float]) -> tuple[float, float]:
+    """Mean and std over seeds of the per-seed differences ``a - b``."""
+    d = [x - y for x, y in zip(a, b)]
+    return statistics.fmean(d), (statistics.stdev(d) if len(d) > 1 else 0.0)
 
 
 def _interp(x: float, pts: list[tuple[float, float]]) -> float | None:
@@ -256,21 +258,19 @@ def run(args: argparse.Namespace) -> Path:
         r["flops_ratio"] = r["gflops_per_image"] / ref["gflops_per_image"]
         r["nfe_equivalent"] = ref["nfe"] * r["flops_ratio"]
     # The honest baseline, read off at a cache's compute and at its wall-clock time.
-    by_flops = [(r["gflops_per_image"], r["fid"]) for r in rows if r["kind"] != "cache"]
-    by_time = [(r["speedup"], r["fid"]) for r in rows if r["kind"] != "cache"]
     curve = [r for r in rows if r["kind"] != "cache"]
     for r in rows:
         # Paired by seed: the same noise and classes went into both FIDs.
-        r["dfid_vs_uncached"] = _mean_std([a - b for a, b in zip(r["fid_per_seed"], ref["fid_per_seed"])])
+        r["dfid_vs_uncached"] = _paired(r["fid_per_seed"], ref["fid_per_seed"])
         if r["kind"] == "cache":
-            r["fewer_steps_fid_at_same_flops"] = _interp(r["gflops_per_image"], by_flops)
-            at = _interp(r["speedup"], by_time)
+            r["fewer_steps_fid_at_same_flops"] = _interp(r["gflops_per_image"],
+                                                         [(c["gflops_per_image"], c["fid"]) for c in curve])
+            at = _interp(r["speedup"], [(c["speedup"], c["fid"]) for c in curve])
             r["fewer_steps_fid_at_same_time"] = at
             r["beats_fewer_steps"] = None if at is None else r["fid"] < at
-            per_seed = [_interp(r["speedup"], [(c["speedup"], c["fid_per_seed"][i]) for c in curve])
-                        for i in range(len(seeds))]
-            r["dfid_vs_fewer_steps"] = (None if at is None else
-                                        _mean_std([a - b for a, b in zip(r["fid_per_seed"], per_seed)]))
+            r["dfid_vs_fewer_steps"] = None if at is None else _paired(
+                r["fid_per_seed"],
+                [_interp(r["speedup"], [(c["speedup"], c["fid_per_seed"][i]) for c in curve]) for i in range(len(seeds))])
 
     argv = sys.argv[3:] if sys.argv[1:3] == ["bench", "accel"] else sys.argv[1:]
     cmd = "flowdit bench accel " + shlex.join(argv)
