@@ -308,14 +308,40 @@ def test_bench_accel_resumes_from_its_cells(tmp_path, monkeypatch):
     assert main(argv) == 0
     first = json.loads((tmp_path / "res" / "a.json").read_text())["rows"]
     calls = []
-    real = bench.measure
-    monkeypatch.setattr(bench, "measure", lambda *a, **k: calls.append(a[4]) or real(*a, **k))
+    real = bench.measure_seed
+    monkeypatch.setattr(bench, "measure_seed", lambda *a, **k: calls.extend(p.name for p in a[4]) or real(*a, **k))
     assert main(argv) == 0
     assert calls == []
     again = json.loads((tmp_path / "res" / "a.json").read_text())["rows"]
     assert [(r["fid"], r["seconds"]) for r in again] == [(r["fid"], r["seconds"]) for r in first]
-    assert "4 of 4 measurements were reused" in (tmp_path / "res" / "a.md").read_text()
+    assert "6 of 6 seed measurements were reused" in (tmp_path / "res" / "a.md").read_text()
     assert main(argv + ["--cfg", "1.0"]) == 0
-    assert len(calls) == 4
+    assert len(calls) == 6  # 3 measurements x 2 seeds
+    assert main(argv + ["--seeds", "0,1,2"]) == 0  # a new seed: only it is sampled
+    assert calls[6:] == ["uncached x4", "uncached x2", "fora:interval=2 x4"]
     assert main(argv + ["--fresh"]) == 0
-    assert len(calls) == 8
+    assert len(calls) == 15
+
+
+def test_bench_accel_interleaves_measurements_batch_by_batch(monkeypatch):
+    """Every measurement of a seed samples batch ``b`` before any samples batch ``b + 1``,
+    in alternating order, and each batch draws the noise of its own sample indices."""
+    import types
+
+    from flowdit.accel import FullCompute
+    from flowdit.bench import accel as bench
+    from flowdit.sampling.generate import Generated
+
+    seen = []
+
+    def fake_sample(model, meta, labels, seed, policy, args, steps, device, first_index=0):
+        seen.append((steps, first_index, len(labels)))
+        return Generated(torch.zeros(len(labels), 1, 2, 2), labels, steps)
+
+    monkeypatch.setattr(bench, "_sample", fake_sample)
+    plans = [bench.Plan(f"x{k}", None, k, "fewer_steps", FullCompute()) for k in (8, 4, 2)]
+    args = types.SimpleNamespace(batch_size=4)
+    parts = bench.measure_seed(None, None, torch.arange(10), 0, plans, args, torch.device("cpu"))
+    assert seen == [(8, 0, 4), (4, 0, 4), (2, 0, 4), (2, 4, 4), (4, 4, 4), (8, 4, 4), (8, 8, 2), (4, 8, 2), (2, 8, 2)]
+    assert all(p["images"].shape == (10, 1, 2, 2) and p["seconds"] > 0 for p in parts.values())
+    assert parts["x4"]["nfe"] == 4

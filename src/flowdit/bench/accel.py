@@ -5,8 +5,10 @@ For each method (a policy spec) the benchmark samples ``--num`` images per seed 
 the given solver, steps and guidance, and reports:
 
 * wall-clock speedup: the uncached sampler's seconds divided by the method's, both
-  measured in this run (the uncached sampler is timed first and last; the table gives
-  both so that machine noise is visible, and the speedup uses their mean);
+  measured in this run and interleaved: for every seed, all measurements take turns
+  batch by batch (``measure_seed``), so a slow spell of a shared machine slows them all
+  alike; the table gives the ratio of the sums over seeds and the spread of the per-seed
+  ratios;
 * compute: block FLOPs per image actually run (blocks that ran, on the tokens that ran)
   and the equivalent NFE (the uncached NFE times the FLOPs ratio);
 * quality: FID and class accuracy from ``flowdit.evaluate.evaluate_samples``; PSNR and
@@ -23,9 +25,9 @@ the method's FID minus the uncached sampler's, and minus the fewer-steps curve's
 same time, as mean +- std over seeds. The seed-to-seed spread of FID itself is mostly
 shared by all rows, so the paired spread is the one that says whether a gap is real.
 
-Every finished measurement is saved under ``<out-dir>/<name>.cells/`` (its images and
-timings, keyed by the model's weights checksum and every sampling setting); a killed run
-started again with the same arguments reuses them (``--fresh`` starts over). Results go
+Every finished seed of every measurement is saved under ``<out-dir>/<name>.cells/`` (its
+images and timings, keyed by the model's weights checksum and every sampling setting); a
+killed run started again with the same arguments reuses them (``--fresh`` starts over). Results go
 to ``<out-dir>/<name>.{json,md,png}``.
 """
 
@@ -39,6 +41,7 @@ import shlex
 import statistics
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -56,54 +59,84 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _sample(model, meta, labels, seed, policy, args, steps, device):
+def _sample(model, meta, labels, seed, policy, args, steps, device, first_index=0):
     from flowdit.sampling.generate import generate
 
     shape = tuple(meta["data"]["shape"])
     shift = float(meta["config"]["flow"].get("shift", 1.0))
     amp = torch.bfloat16 if args.precision == "bf16" else None
     return generate(model, labels, shape, solver=args.solver, steps=steps, cfg_scale=args.cfg, shift=shift,
-                    seed=seed, batch_size=args.batch_size, device=device, accel=policy, amp_dtype=amp)
+                    seed=seed, batch_size=args.batch_size, device=device, accel=policy, amp_dtype=amp,
+                    first_index=first_index)
 
 
-def measure(model, meta, labels, seeds, spec, args, steps, device, reference=None) -> dict:
-    """Sample every seed with one policy (or the uncached sampler); time and count it.
+@dataclass
+class Plan:
+    """One measurement: the uncached sampler at some step count, or a policy at ``args.steps``."""
 
-    Returns a row with images kept under ``"_images"`` (per seed) for the quality pass.
+    name: str
+    spec: str | None
+    steps: int
+    kind: str  # "reference", "fewer_steps" or "cache"
+    policy: object = None
+
+
+def measure_seed(model, meta, labels, seed, plans, args, device) -> dict[str, dict]:
+    """Sample one seed with every measurement in ``plans``, interleaved; time and count each.
+
+    The samples are drawn ``args.batch_size`` at a time and the measurements take turns
+    on each batch (in alternating order), so a slow or fast spell of a shared machine
+    falls on every measurement alike instead of on whichever ran during it. Each batch
+    uses the noise of its own sample indices, so the images do not depend on the batch
+    size. Returns, per plan name, the seed's seconds, images ``[N, C, H, W]`` and the
+    policy's counts (calls, full calls, block FLOPs, cache bytes, NFE).
     """
-    policy = build_policy(spec) if spec else FullCompute()
-    if isinstance(policy, TeaCache) and not policy.coeffs:
-        calibrate_teacache(policy, lambda: _sample(model, meta, labels[:1], seeds[0], policy, args, steps, device))
-    policy.reset_stats()
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    images, secs, state, nfe = [], 0.0, 0, 0
-    for s in seeds:
-        _sync(device)
-        t0 = time.perf_counter()
-        gen = _sample(model, meta, labels, s, policy, args, steps, device)
-        _sync(device)
-        secs += time.perf_counter() - t0
-        images.append(gen.images)
-        nfe = gen.nfe
-        state = max(state, policy.state_bytes())
-    n = len(labels) * len(seeds)
-    row = {"method": spec or "uncached", "policy": repr(policy), "steps": steps, "nfe": nfe,
-           "seconds": secs, "gflops_per_image": policy.stats.flops / n / 1e9,
-           "model_calls": policy.stats.calls, "full_calls": policy.stats.full_calls,
-           "cache_mb": state / 2**20,
-           "peak_cuda_mb": torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None,
-           "_images": images}
-    return row
+    parts = {p.name: {"seconds": 0.0, "images": [], "nfe": 0, "state": 0, "peak": 0} for p in plans}
+    for p in plans:
+        p.policy.reset_stats()
+    for b, lo in enumerate(range(0, len(labels), args.batch_size)):
+        batch = labels[lo:lo + args.batch_size]
+        for p in plans if b % 2 == 0 else plans[::-1]:
+            part = parts[p.name]
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(device)
+            _sync(device)
+            t0 = time.perf_counter()
+            gen = _sample(model, meta, batch, seed, p.policy, args, p.steps, device, first_index=lo)
+            _sync(device)
+            part["seconds"] += time.perf_counter() - t0
+            if device.type == "cuda":
+                part["peak"] = max(part["peak"], torch.cuda.max_memory_allocated(device))
+            part["images"].append(gen.images)
+            part["nfe"] = max(part["nfe"], gen.nfe)
+            part["state"] = max(part["state"], p.policy.state_bytes())
+    for p in plans:
+        part = parts[p.name]
+        part["images"] = torch.cat(part["images"])
+        st = p.policy.stats
+        part.update(flops=st.flops, calls=st.calls, full_calls=st.full_calls)
+    return parts
+
+
+def combine(plan: Plan, parts: list[dict], n_images: int) -> dict:
+    """One table row from the per-seed parts of a measurement (images under ``"_images"``)."""
+    return {"method": plan.spec or "uncached", "kind": plan.kind, "policy": repr(plan.policy), "steps": plan.steps,
+            "nfe": max(q["nfe"] for q in parts), "seconds": sum(q["seconds"] for q in parts),
+            "seconds_per_seed": [q["seconds"] for q in parts],
+            "gflops_per_image": sum(q["flops"] for q in parts) / (n_images * len(parts)) / 1e9,
+            "model_calls": sum(q["calls"] for q in parts), "full_calls": sum(q["full_calls"] for q in parts),
+            "cache_mb": max(q["state"] for q in parts) / 2**20,
+            "peak_cuda_mb": max(q["peak"] for q in parts) / 2**20 if parts[0]["peak"] else None, "_images": [q["images"] for q in parts]}
 
 
 class Cells:
     """Finished measurements of one benchmark, saved so that a killed run resumes.
 
-    One file per measurement, ``<dir>/<key hash>.pt``, holding the row (timings, counts)
-    and its images; written to a temporary name and renamed, so a file is whole or absent.
-    The key is the measurement's own name plus ``setting`` (model checksum, sampler,
-    guidance, precision, seeds, sample count), so a changed setting never reuses a cell.
+    One file per measurement and seed, ``<dir>/<key hash>.pt``, holding its timings, counts
+    and images; written to a temporary name and renamed, so a file is whole or absent.
+    The key is the measurement's own name (with the seed) plus ``setting`` (model checksum,
+    sampler, guidance, precision, sample count, batch size), so a changed setting never
+    reuses a cell, while a run with more seeds reuses the seeds it shares.
     """
 
     def __init__(self, directory: Path, setting: dict, fresh: bool = False):
@@ -223,38 +256,48 @@ def run(args: argparse.Namespace) -> Path:
     from flowdit.train.checkpoint import tensors_checksum
 
     setting = {"weights": tensors_checksum(args.run), "solver": args.solver, "cfg": args.cfg,
-               "precision": args.precision, "num": args.num, "seeds": seeds, "device": device.type}
+               "precision": args.precision, "num": args.num, "batch_size": args.batch_size, "device": device.type}
     cells = Cells(Path(args.out_dir) / f"{args.name}.cells", setting, fresh=args.fresh)
 
-    def cached_measure(name, spec, steps):
-        row = cells.get(name)
-        if row is None:
-            row = measure(model, meta, labels, seeds, spec, args, steps, device)
-            cells.put(name, row)
-        return row
-
-    ref = cached_measure(f"uncached x{args.steps}", None, args.steps)
+    plans = [Plan(f"uncached x{args.steps}", None, args.steps, "reference")]
+    plans += [Plan(f"uncached x{k}", None, k, "fewer_steps") for k in fewer]
+    plans += [Plan(f"{spec} x{args.steps}", spec, args.steps, "cache") for spec in specs]
+    for p in plans:
+        p.policy = build_policy(p.spec) if p.spec else FullCompute()
+        if isinstance(p.policy, TeaCache) and not p.policy.coeffs:
+            calibrate_teacache(p.policy, lambda p=p: _sample(model, meta, labels[:1], seeds[0], p.policy, args,
+                                                             p.steps, device))
+    parts: dict[str, list[dict]] = {p.name: [] for p in plans}
+    n_cells = 0
+    for s in seeds:
+        todo = []
+        for p in plans:
+            n_cells += 1
+            part = cells.get(f"{p.name} | seed {s}")
+            if part is None:
+                todo.append(p)
+            parts[p.name].append(part)
+        if todo:
+            t0 = time.perf_counter()
+            fresh = measure_seed(model, meta, labels, s, todo, args, device)
+            for p in todo:
+                cells.put(f"{p.name} | seed {s}", fresh[p.name])
+                parts[p.name][-1] = fresh[p.name]
+            print(f"seed {s}: {len(todo)} measurements in {time.perf_counter() - t0:.0f} s: "
+                  + ", ".join(f"{p.spec or 'uncached'} x{p.steps} {fresh[p.name]['seconds']:.1f} s" for p in todo),
+                  flush=True)
+    rows = [combine(p, parts[p.name], len(labels)) for p in plans]
+    ref = rows[0]
     reference = list(ref["_images"])
-    ref["kind"] = "reference"
-    rows = [ref]
-    print(f"uncached {args.solver} x{args.steps}: {ref['seconds']:.2f} s", flush=True)
-    for steps in fewer:
-        r = cached_measure(f"uncached x{steps}", None, steps)
-        r["kind"], r["method"] = "fewer_steps", f"uncached, {steps} steps"
-        rows.append(r)
-        print(f"{r['method']}: {r['seconds']:.2f} s", flush=True)
-    for spec in specs:
-        r = cached_measure(f"{spec} x{args.steps}", spec, args.steps)
-        r["kind"] = "cache"
-        rows.append(r)
-        print(f"{spec}: {r['seconds']:.2f} s, {r['full_calls']}/{r['model_calls']} full calls", flush=True)
-    again = cached_measure(f"uncached x{args.steps}, timed last", None, args.steps)
-    again.pop("_images")
-    base_secs = (ref["seconds"] + again["seconds"]) / 2
+    for r, p in zip(rows, plans):
+        if p.kind == "fewer_steps":
+            r["method"] = f"uncached, {p.steps} steps"
 
     for r in rows:
         quality(r, labels, seeds, dataset, root, reference)
-        r["speedup"] = base_secs / r["seconds"]
+        r["speedup"] = ref["seconds"] / r["seconds"]
+        per_seed = [a / b for a, b in zip(ref["seconds_per_seed"], r["seconds_per_seed"])]
+        r["speedup_std"] = statistics.stdev(per_seed) if len(per_seed) > 1 else 0.0
         r["flops_ratio"] = r["gflops_per_image"] / ref["gflops_per_image"]
         r["nfe_equivalent"] = ref["nfe"] * r["flops_ratio"]
     # The honest baseline, read off at a cache's compute and at its wall-clock time.
@@ -284,9 +327,10 @@ def run(args: argparse.Namespace) -> Path:
         f"Machine: {info['cpu']}, {info['cores']} cores, torch {info['torch']}"
         + (f", {info['cuda']}" if info["cuda"] else "")
         + f", load average at start {info['load_average'][0]:.2f}, commit {info['commit']}, "
-        f"{time.perf_counter() - t_start:.0f} s in all. Uncached sampler timed first ({ref['seconds']:.2f} s) and last "
-        f"({again['seconds']:.2f} s); speedups use the mean."
-        + (f" {len(cells.reused)} of {len(rows) + 1} measurements were reused from an interrupted run of the "
+        f"{time.perf_counter() - t_start:.0f} s in all. Every seed's measurements took turns batch by batch "
+        f"({args.batch_size} images a batch), so that machine noise falls on all of them alike; speedup is the uncached "
+        "seconds over the method's, summed over seeds, +- the std of the per-seed ratios."
+        + (f" {len(cells.reused)} of {n_cells} seed measurements were reused from an interrupted run of the "
            "same command (same machine, timed in that process)." if cells.reused else ""),
         f"Command: `{cmd}`", "",
         "dFID columns are paired by seed (mean ± std over seeds of the per-seed difference): against the uncached "
@@ -307,7 +351,7 @@ def run(args: argparse.Namespace) -> Path:
         fid = f"{r['fid']:.2f}" + (f" ± {r['fid_std']:.2f}" if len(seeds) > 1 else "")
         lines.append(
             f"| {r['method']} | {r['steps']} | {r['nfe']} | {r['nfe_equivalent']:.1f} | {r['gflops_per_image']:.4f} | "
-            f"{r['speedup']:.2f}x | {fid} | {'' if r['kind'] == 'reference' else pm(r['dfid_vs_uncached'])} | "
+            f"{r['speedup']:.2f}x" + (f" ± {r['speedup_std']:.2f}" if len(seeds) > 1 else "") + f" | {fid} | {'' if r['kind'] == 'reference' else pm(r['dfid_vs_uncached'])} | "
             f"{100 * r['class_accuracy']:.1f} | "
             f"{'inf' if r['psnr'] is not None and r['psnr'] >= 100 else format(r['psnr'], '.1f')} | {r['ssim']:.3f} | "
             f"{r['full_calls']}/{r['model_calls']} | {r['cache_mb']:.2f} | {num(r.get('fewer_steps_fid_at_same_flops'))} | "
@@ -315,8 +359,7 @@ def run(args: argparse.Namespace) -> Path:
             f"{beats} |")
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    payload = {"machine": info, "command": cmd, "baseline_seconds": [ref["seconds"], again["seconds"]],
-               "rows": rows}
+    payload = {"machine": info, "command": cmd, "batch_size": args.batch_size, "rows": rows}
     (out / f"{args.name}.json").write_text(json.dumps(payload, indent=2) + "\n")
     md = out / f"{args.name}.md"
     md.write_text("\n".join(lines) + "\n")
