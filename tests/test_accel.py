@@ -171,6 +171,41 @@ def test_taylorseer_policy_forecast_is_exact_where_its_form_is(spec, coeffs):
     assert policy.stats.full_calls < 12
 
 
+def test_taylorseer_spaced_keeps_warmup_calls_out_of_its_differences():
+    """A stack residual that is linear in the call index except for a kick at call 0. The
+    paper's form differences the consecutive warmup calls 0 and 1 and so extrapolates the
+    kick over the first interval; with ``spaced=true`` the first interval reuses call 1's
+    residual. Both are exact once a slope from calls one interval apart exists."""
+    coeffs = [torch.randn(1, 2, 4), torch.randn(1, 2, 4)]
+    kick = 5 * torch.randn(1, 2, 4)
+
+    class Kicked(_StepBlock):
+        def forward(self, x, c_act, ctx):
+            return super().forward(x, c_act, ctx) + (kick if ctx.step == 0 else 0)
+
+    model = types.SimpleNamespace(blocks=nn.ModuleList([Kicked(coeffs), _StepBlock(coeffs)]),
+                                  config=types.SimpleNamespace(hidden_size=4, mlp_ratio=4.0))
+    def residual(s):
+        return 2 * (coeffs[0] + coeffs[1] * s) + (kick if s == 0 else 0)
+
+    for spaced in (True, False):
+        policy = build_policy(f"taylorseer:interval=3,order=1,warmup=2,spaced={int(spaced)}")
+        assert policy.spaced is spaced
+        policy.reset()
+        ctx = StepContext(block_policy=policy)
+        x = torch.zeros(1, 2, 4)
+        for s in range(14):  # full calls at 0, 1, 4, 7, 10, 13
+            ctx.step = s
+            out = policy.run(model, x, None, ctx)
+            if s in (2, 3):  # right after the warmup: reuse of call 1, or the slope from calls 0 and 1
+                want = residual(1) + (0 if spaced else (residual(1) - residual(0)) * (s - 1))
+            else:  # full calls, and forecasts from the slope of calls 1 and 4 (or later pairs)
+                want = residual(s)
+            torch.testing.assert_close(out, want, atol=1e-4, rtol=1e-4)
+    with pytest.raises(ConfigError, match="spaced must be true or false"):
+        build_policy("taylorseer:spaced=maybe")
+
+
 # -- state -------------------------------------------------------------------------------
 
 

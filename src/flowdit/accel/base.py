@@ -186,6 +186,17 @@ def _in_range(policy: str, key: str, value: Any, lo: float, hi: float) -> float:
     return value
 
 
+def _flag(policy: str, key: str, value: Any) -> bool:
+    """A yes/no parameter: ``True``/``False``, ``1``/``0`` or the words ``true``/``false``."""
+    if isinstance(value, bool):
+        return value
+    if value in (0, 1):
+        return bool(value)
+    if isinstance(value, str) and value.strip().lower() in ("true", "false", "yes", "no"):
+        return value.strip().lower() in ("true", "yes")
+    raise ConfigError(f"{policy}: {key} must be true or false (or 1 / 0), got {value!r}")
+
+
 def step_of(ctx: Any) -> int:
     """The model-call index of ``ctx`` (0 without a context)."""
     return int(getattr(ctx, "step", 0) or 0)

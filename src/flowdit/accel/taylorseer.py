@@ -9,13 +9,20 @@ output; here the forecast feature is the stack residual ``out - in``, which is t
 of every gated branch output of a pre-norm residual stack, so the forecast is the same
 linear combination and only the (exact, cheap) input embedding of the current call is
 added back.
+
+``spaced=true`` changes one thing: the warmup calls run in full as before, but the finite
+differences restart at each of them, so every derivative estimate comes from full calls
+one ``interval`` apart (until two such calls exist the forecast is plain reuse). In the
+paper's code the consecutive warmup calls enter the differences too; where the features
+change fastest at the first calls (t near 1), the slope between calls 0 and 1 is then
+extrapolated over the whole first interval (docs/acceleration.md measures what that costs).
 """
 
 from __future__ import annotations
 
 from flowdit.errors import ConfigError
 
-from .base import BlockPolicyBase, _positive_int, step_of
+from .base import BlockPolicyBase, _flag, _positive_int, step_of
 from .forecast import FORMS, build_forecaster
 
 
@@ -29,13 +36,15 @@ class TaylorSeer(BlockPolicyBase):
             (interpolation through the last ``k + 1`` full steps, exact for degree k).
         warmup: the first calls that always run in full (the paper's ``first_enhance``);
             default ``order + 1`` so that every derivative has data before forecasting.
+        spaced: build the differences only from full calls ``interval`` apart, not from
+            the consecutive warmup calls (see module docstring).
         cfg: ``"batched"`` or ``"split"``.
     """
 
     name = "taylorseer"
 
     def __init__(self, interval: int = 4, order: int = 2, form: str = "paper", warmup: int | None = None,
-                 cfg: str = "batched"):
+                 spaced: bool = False, cfg: str = "batched"):
         super().__init__(cfg)
         self.interval = _positive_int(self.name, "interval", interval)
         self.order = _positive_int(self.name, "order", order, 0)
@@ -43,13 +52,14 @@ class TaylorSeer(BlockPolicyBase):
             raise ConfigError(f"{self.name}: form must be one of {', '.join(FORMS)}, got {form!r}")
         self.form = form
         self.warmup = self.order + 1 if warmup is None else _positive_int(self.name, "warmup", warmup, 0)
+        self.spaced = _flag(self.name, "spaced", spaced)
 
     def decide_and_run(self, model, tokens, c_act, ctx, st):
         s = step_of(ctx)
         fc = st.get("forecaster")
         if fc is None or s < self.warmup or s - st["last_full"] >= self.interval:
             out = self.run_blocks(model, tokens, c_act, ctx)
-            if fc is None:
+            if fc is None or (self.spaced and s < self.warmup):
                 fc = st["forecaster"] = build_forecaster(self.form, self.order)
             fc.update(s, out - tokens)
             st["last_full"] = s
