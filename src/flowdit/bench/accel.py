@@ -330,8 +330,8 @@ def run(args: argparse.Namespace) -> Path:
         f"{time.perf_counter() - t_start:.0f} s in all. Every seed's measurements took turns batch by batch "
         f"({args.batch_size} images a batch), so that machine noise falls on all of them alike; speedup is the uncached "
         "seconds over the method's, summed over seeds, +- the std of the per-seed ratios."
-        + (f" {len(cells.reused)} of {n_cells} seed measurements were reused from an interrupted run of the "
-           "same command (same machine, timed in that process)." if cells.reused else ""),
+        + (f" {len(cells.reused)} of {n_cells} seed measurements were reused from an earlier (interrupted or "
+           "partly deleted) run of the same command, timed in that process." if cells.reused else ""),
         f"Command: `{cmd}`", "",
         "dFID columns are paired by seed (mean ± std over seeds of the per-seed difference): against the uncached "
         "sampler, and against the fewer-steps curve at the same wall-clock time; negative is better.", "",
