@@ -223,8 +223,9 @@ def plot(rows, path: Path) -> None:
         ax.plot([r[key] for r in base], [r["fid"] for r in base], "k-o", ms=4, label="uncached, fewer steps")
         for i, r in enumerate(caches):
             ax.plot(r[key], r["fid"], marker="os^Dv<>p*hX"[i % 11], ls="", color=f"C{i % 10}", label=r["method"])
-        # log scale: a broken method's FID can be ten times the others'
-        ax.set(xlabel=label, ylabel="FID (evaluator features)", yscale="log")
+        # log scale only when a broken method's FID is many times the others'
+        fids = [r["fid"] for r in rows]
+        ax.set(xlabel=label, ylabel="FID (evaluator features)", yscale="log" if max(fids) > 3 * min(fids) else "linear")
         ax.grid(alpha=0.3, which="both")
     axes[0].set_xscale("log")
     axes[0].invert_xaxis()

@@ -7,7 +7,7 @@ import argparse
 
 DEFAULT_METHODS = (
     "fora:interval=2;fora:interval=3;delta_dit:interval=2,blocks=2;taylorseer:interval=3,order=1;"
-    "taylorseer:interval=4,order=2;taylorseer:interval=4,order=2,form=newton;gated_taylor:threshold=0.1,order=1;gated_taylor:threshold=0.2,order=1;"
+    "taylorseer:interval=4,order=2;taylorseer:interval=4,order=2,form=newton;taylorseer:interval=5,order=1,spaced=1;gated_taylor:threshold=0.1,order=1;gated_taylor:threshold=0.2,order=1;"
     "fbcache:threshold=0.08;fbcache:threshold=0.15;teacache:threshold=0.1;teacache:threshold=0.3;"
     "ras:ratio=0.5,full_every=4;ras:ratio=0.25,full_every=4;tome:ratio=0.3;grat:group=2,mode=criss"
 )
@@ -25,7 +25,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--fewer-steps", default="1,2,3,4,5,6,8,10,12", help="step counts of the fewer-steps baseline")
     p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
                    help="model precision while sampling (bf16: autocast; the fast path on AMX CPUs and GPUs)")
-    p.add_argument("--batch-size", type=int, default=500)
+    p.add_argument("--batch-size", type=int, default=100,
+                   help="images per turn: every seed's measurements take turns batch by batch, so smaller batches "
+                        "spread machine noise more evenly")
     p.add_argument("--device", help="cpu or cuda (default: cuda when available)")
     p.add_argument("--out-dir", default="benchmarks/results")
     p.add_argument("--name", default="accel", help="result file name")
