@@ -269,11 +269,9 @@ def run(args: argparse.Namespace) -> Path:
             calibrate_teacache(p.policy, lambda p=p: _sample(model, meta, labels[:1], seeds[0], p.policy, args,
                                                              p.steps, device))
     parts: dict[str, list[dict]] = {p.name: [] for p in plans}
-    n_cells = 0
     for s in seeds:
         todo = []
         for p in plans:
-            n_cells += 1
             part = cells.get(f"{p.name} | seed {s}")
             if part is None:
                 todo.append(p)
@@ -331,7 +329,7 @@ def run(args: argparse.Namespace) -> Path:
         f"{time.perf_counter() - t_start:.0f} s in all. Every seed's measurements took turns batch by batch "
         f"({args.batch_size} images a batch), so that machine noise falls on all of them alike; speedup is the uncached "
         "seconds over the method's, summed over seeds, +- the std of the per-seed ratios."
-        + (f" {len(cells.reused)} of {n_cells} seed measurements were reused from an earlier (interrupted or "
+        + (f" {len(cells.reused)} of {len(plans) * len(seeds)} seed measurements were reused from an earlier (interrupted or "
            "partly deleted) run of the same command, timed in that process." if cells.reused else ""),
         f"Command: `{cmd}`", "",
         "dFID columns are paired by seed (mean ± std over seeds of the per-seed difference): against the uncached "
