@@ -45,7 +45,8 @@ def run(model, accel=None, solver="heun", steps=5, cfg=2.0, **kw):
 
 FULL_SPECS = [
     "none", "fora:interval=1", "delta_dit:interval=1,blocks=1", "taylorseer:interval=1,order=2",
-    "taylorseer:interval=1,order=2,form=newton", "gated_taylor:threshold=0", "fbcache:threshold=0",
+    "taylorseer:interval=1,order=2,form=newton", "taylorseer:interval=1,order=1,spaced=1", "gated_taylor:threshold=0",
+    "fbcache:threshold=0",
     "teacache:threshold=0", "ras:full_every=1", "tome:ratio=0",
 ]
 
