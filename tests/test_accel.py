@@ -172,11 +172,15 @@ def test_taylorseer_policy_forecast_is_exact_where_its_form_is(spec, coeffs):
     assert policy.stats.full_calls < 12
 
 
-def test_taylorseer_spaced_keeps_warmup_calls_out_of_its_differences():
+@pytest.mark.parametrize("spec", ["taylorseer:interval=3,order=1,warmup=2,spaced={}",
+                                  "gated_taylor:threshold=1e9,order=1,max_skip=2,warmup=2,spaced={}"])
+def test_spaced_forecast_keeps_warmup_calls_out_of_its_differences(spec):
     """A stack residual that is linear in the call index except for a kick at call 0. The
     paper's form differences the consecutive warmup calls 0 and 1 and so extrapolates the
     kick over the first interval; with ``spaced=true`` the first interval reuses call 1's
-    residual. Both are exact once a slope from calls one interval apart exists."""
+    residual. Both are exact once a slope from calls one interval apart exists. The gated
+    forecast with a threshold that always passes and at most two forecasts in a row runs
+    in full at the same calls."""
     coeffs = [torch.randn(1, 2, 4), torch.randn(1, 2, 4)]
     kick = 5 * torch.randn(1, 2, 4)
 
@@ -190,7 +194,7 @@ def test_taylorseer_spaced_keeps_warmup_calls_out_of_its_differences():
         return 2 * (coeffs[0] + coeffs[1] * s) + (kick if s == 0 else 0)
 
     for spaced in (True, False):
-        policy = build_policy(f"taylorseer:interval=3,order=1,warmup=2,spaced={int(spaced)}")
+        policy = build_policy(spec.format(int(spaced)))
         assert policy.spaced is spaced
         policy.reset()
         ctx = StepContext(block_policy=policy)
@@ -204,7 +208,7 @@ def test_taylorseer_spaced_keeps_warmup_calls_out_of_its_differences():
                 want = residual(s)
             torch.testing.assert_close(out, want, atol=1e-4, rtol=1e-4)
     with pytest.raises(ConfigError, match="spaced must be true or false"):
-        build_policy("taylorseer:spaced=maybe")
+        build_policy(spec.format("maybe"))
 
 
 # -- state -------------------------------------------------------------------------------

@@ -16,7 +16,7 @@ import torch
 
 from flowdit.errors import ConfigError
 
-from .base import BlockPolicyBase, _in_range, _positive_int, step_of
+from .base import BlockPolicyBase, _flag, _in_range, _positive_int, step_of
 from .forecast import FORMS, build_forecaster
 
 
@@ -30,13 +30,15 @@ class GatedTaylor(BlockPolicyBase):
         form: ``"paper"`` or ``"newton"`` (see ``flowdit.accel.forecast``).
         max_skip: at most this many forecasts in a row.
         warmup: calls that always run in full (default ``order + 1``).
+        spaced: restart both histories at every warmup call, so that the consecutive
+            warmup calls do not enter the finite differences (as ``taylorseer``'s option).
         cfg: ``"batched"`` or ``"split"``.
     """
 
     name = "gated_taylor"
 
     def __init__(self, threshold: float = 0.05, order: int = 1, form: str = "paper", max_skip: int = 4,
-                 warmup: int | None = None, cfg: str = "batched"):
+                 warmup: int | None = None, spaced: bool = False, cfg: str = "batched"):
         super().__init__(cfg)
         self.threshold = _in_range(self.name, "threshold", threshold, 0.0, float("inf"))
         self.order = _positive_int(self.name, "order", order, 0)
@@ -45,6 +47,7 @@ class GatedTaylor(BlockPolicyBase):
         self.form = form
         self.max_skip = _positive_int(self.name, "max_skip", max_skip, 0)
         self.warmup = self.order + 1 if warmup is None else _positive_int(self.name, "warmup", warmup, 0)
+        self.spaced = _flag(self.name, "spaced", spaced)
 
     def decide_and_run(self, model, tokens, c_act, ctx, st):
         s = step_of(ctx)
@@ -58,7 +61,7 @@ class GatedTaylor(BlockPolicyBase):
                 st["skipped"] += 1
                 return tokens + last.predict(s)
         out = self.run_blocks(model, h1, c_act, ctx, 1, None)
-        if first is None:
+        if first is None or (self.spaced and s < self.warmup):
             first = st["first"] = build_forecaster(self.form, self.order)
             last = st["last"] = build_forecaster(self.form, self.order)
         first.update(s, r1)
