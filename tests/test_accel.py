@@ -10,6 +10,7 @@ from torch import nn
 
 from flowdit.accel import (
     RAS,
+    FullCompute,
     NewtonForecaster,
     TaylorForecaster,
     bipartite_merge,
@@ -46,8 +47,7 @@ def run(model, accel=None, solver="heun", steps=5, cfg=2.0, **kw):
 FULL_SPECS = [
     "none", "fora:interval=1", "delta_dit:interval=1,blocks=1", "taylorseer:interval=1,order=2",
     "taylorseer:interval=1,order=2,form=newton", "taylorseer:interval=1,order=1,spaced=1", "gated_taylor:threshold=0",
-    "fbcache:threshold=0",
-    "teacache:threshold=0", "ras:full_every=1", "tome:ratio=0",
+    "fbcache:threshold=0", "teacache:threshold=0", "ras:full_every=1", "tome:ratio=0",
 ]
 
 
@@ -190,6 +190,7 @@ def test_spaced_forecast_keeps_warmup_calls_out_of_its_differences(spec):
 
     model = types.SimpleNamespace(blocks=nn.ModuleList([Kicked(coeffs), _StepBlock(coeffs)]),
                                   config=types.SimpleNamespace(hidden_size=4, mlp_ratio=4.0))
+
     def residual(s):
         return 2 * (coeffs[0] + coeffs[1] * s) + (kick if s == 0 else 0)
 
@@ -366,9 +367,6 @@ def test_bench_accel_resumes_from_its_cells(tmp_path, monkeypatch):
 def test_bench_accel_interleaves_measurements_batch_by_batch(monkeypatch):
     """Every measurement of a seed samples batch ``b`` before any samples batch ``b + 1``,
     in alternating order, and each batch draws the noise of its own sample indices."""
-    import types
-
-    from flowdit.accel import FullCompute
     from flowdit.bench import accel as bench
     from flowdit.sampling.generate import Generated
 

@@ -47,6 +47,7 @@ from pathlib import Path
 import torch
 
 from flowdit.accel import FullCompute, TeaCache, build_policy, calibrate_teacache
+from flowdit.accel.base import BlockPolicyBase
 from flowdit.errors import FlowditError
 
 from .accel_args import DEFAULT_METHODS, add_arguments  # noqa: F401  (re-exported)
@@ -78,7 +79,13 @@ class Plan:
     spec: str | None
     steps: int
     kind: str  # "reference", "fewer_steps" or "cache"
-    policy: object = None
+    policy: BlockPolicyBase
+
+    @property
+    def method(self) -> str:
+        if self.kind == "fewer_steps":
+            return f"uncached, {self.steps} steps"
+        return self.spec or "uncached"
 
 
 def measure_seed(model, meta, labels, seed, plans, args, device) -> dict[str, dict]:
@@ -120,13 +127,14 @@ def measure_seed(model, meta, labels, seed, plans, args, device) -> dict[str, di
 
 def combine(plan: Plan, parts: list[dict], n_images: int) -> dict:
     """One table row from the per-seed parts of a measurement (images under ``"_images"``)."""
-    return {"method": plan.spec or "uncached", "kind": plan.kind, "policy": repr(plan.policy), "steps": plan.steps,
+    return {"method": plan.method, "kind": plan.kind, "policy": repr(plan.policy), "steps": plan.steps,
             "nfe": max(q["nfe"] for q in parts), "seconds": sum(q["seconds"] for q in parts),
             "seconds_per_seed": [q["seconds"] for q in parts],
             "gflops_per_image": sum(q["flops"] for q in parts) / (n_images * len(parts)) / 1e9,
             "model_calls": sum(q["calls"] for q in parts), "full_calls": sum(q["full_calls"] for q in parts),
             "cache_mb": max(q["state"] for q in parts) / 2**20,
-            "peak_cuda_mb": max(q["peak"] for q in parts) / 2**20 if parts[0]["peak"] else None, "_images": [q["images"] for q in parts]}
+            "peak_cuda_mb": max(q["peak"] for q in parts) / 2**20 if parts[0]["peak"] else None,
+            "_images": [q["images"] for q in parts]}
 
 
 class Cells:
@@ -248,9 +256,11 @@ def run(args: argparse.Namespace) -> Path:
     seeds = [int(s) for s in str(args.seeds).split(",")]
     labels = balanced_labels(model.num_classes, args.num)
     specs = [s.strip() for s in args.methods.split(";") if s.strip()]
-    for spec in specs:  # fail on a bad spec before any sampling
-        build_policy(spec)
     fewer = sorted({int(s) for s in args.fewer_steps.split(",") if s.strip()} - {args.steps})
+    # Every policy is built here, so a bad spec fails before any sampling.
+    plans = [Plan(f"uncached x{args.steps}", None, args.steps, "reference", FullCompute())]
+    plans += [Plan(f"uncached x{k}", None, k, "fewer_steps", FullCompute()) for k in fewer]
+    plans += [Plan(f"{spec} x{args.steps}", spec, args.steps, "cache", build_policy(spec)) for spec in specs]
     info = machine_info()
     t_start = time.perf_counter()
 
@@ -260,11 +270,7 @@ def run(args: argparse.Namespace) -> Path:
                "precision": args.precision, "num": args.num, "batch_size": args.batch_size, "device": device.type}
     cells = Cells(Path(args.out_dir) / f"{args.name}.cells", setting, fresh=args.fresh)
 
-    plans = [Plan(f"uncached x{args.steps}", None, args.steps, "reference")]
-    plans += [Plan(f"uncached x{k}", None, k, "fewer_steps") for k in fewer]
-    plans += [Plan(f"{spec} x{args.steps}", spec, args.steps, "cache") for spec in specs]
     for p in plans:
-        p.policy = build_policy(p.spec) if p.spec else FullCompute()
         if isinstance(p.policy, TeaCache) and not p.policy.coeffs:
             calibrate_teacache(p.policy, lambda p=p: _sample(model, meta, labels[:1], seeds[0], p.policy, args,
                                                              p.steps, device))
@@ -278,20 +284,16 @@ def run(args: argparse.Namespace) -> Path:
             parts[p.name].append(part)
         if todo:
             t0 = time.perf_counter()
-            fresh = measure_seed(model, meta, labels, s, todo, args, device)
+            measured = measure_seed(model, meta, labels, s, todo, args, device)
             for p in todo:
-                cells.put(f"{p.name} | seed {s}", fresh[p.name])
-                parts[p.name][-1] = fresh[p.name]
+                cells.put(f"{p.name} | seed {s}", measured[p.name])
+                parts[p.name][-1] = measured[p.name]
             print(f"seed {s}: {len(todo)} measurements in {time.perf_counter() - t0:.0f} s: "
-                  + ", ".join(f"{p.spec or 'uncached'} x{p.steps} {fresh[p.name]['seconds']:.1f} s" for p in todo),
+                  + ", ".join(f"{p.name} {measured[p.name]['seconds']:.1f} s" for p in todo),
                   flush=True)
     rows = [combine(p, parts[p.name], len(labels)) for p in plans]
     ref = rows[0]
     reference = list(ref["_images"])
-    for r, p in zip(rows, plans):
-        if p.kind == "fewer_steps":
-            r["method"] = f"uncached, {p.steps} steps"
-
     for r in rows:
         quality(r, labels, seeds, dataset, root, reference)
         r["speedup"] = ref["seconds"] / r["seconds"]
