@@ -18,13 +18,20 @@ it get the same numbers, and values beyond the pixel range (which no image file 
 are never scored as they are.
 
 Real-data features are computed once per (data set, split, network weights) and cached
-under ``$FLOWDIT_CACHE`` (default ``~/.cache/flowdit``).
+under ``$FLOWDIT_CACHE`` (default ``~/.cache/flowdit``). A cached file that cannot be read
+or does not hold what it should (a crash or a full disk while it was written, a hand
+edit) is reported in one line, replaced and recomputed.
+
+Samples are refused, naming the file, when there are none or when a label lies outside the
+data set's classes (a label the evaluator can never predict would silently score 0).
 """
 
 from __future__ import annotations
 
 import os
+import sys
 import time
+import zipfile
 from pathlib import Path
 from typing import Optional
 
@@ -33,7 +40,7 @@ import torch
 
 from .data import build_dataset, to_float, to_uint8
 from .errors import DataError
-from .eval.evaluator import load_classifier, predict
+from .eval.evaluator import WEIGHTS_DIR, load_classifier, predict
 from .eval.fid import feature_statistics, frechet_distance
 from .eval.prdc import precision_recall
 
@@ -42,15 +49,36 @@ def cache_dir() -> Path:
     return Path(os.environ.get("FLOWDIT_CACHE", Path.home() / ".cache" / "flowdit"))
 
 
-def reference_features(dataset: str, root: Optional[str], split: str, kind: str) -> dict:
+def _read_reference(path: Path, num_features: int) -> Optional[dict]:
+    """The cached reference statistics in ``path``, or None (with a one-line notice) when
+    the file is unreadable or its arrays are missing, mis-shaped or not finite."""
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            out = {k: z[k] for k in ("features", "mu", "sigma", "labels")}
+        n, f = out["features"].shape
+        ok = (f == num_features and out["mu"].shape == (f,) and out["sigma"].shape == (f, f)
+              and out["labels"].shape == (n,) and n >= 2
+              and all(np.isfinite(out[k]).all() for k in ("features", "mu", "sigma")))
+        reason = "unexpected shapes or non-finite values"
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:
+        ok, reason = False, str(e).splitlines()[0] if str(e) else type(e).__name__
+    if ok:
+        return out
+    print(f"flowdit: cached reference statistics {path} are damaged ({reason}); recomputing", file=sys.stderr)
+    return None
+
+
+def reference_features(dataset: str, root: Optional[str], split: str, kind: str,
+                       weights_dir: Optional[Path] = None) -> dict:
     """Features of every real image of ``dataset``/``split`` under network ``kind``, with
     their mean and covariance: ``{"features" [N, F] float32, "mu", "sigma", "labels"}``,
-    cached on disk keyed by the network's SHA-256."""
-    net, entry = load_classifier(dataset, kind)
+    cached on disk keyed by the network's SHA-256 (a damaged cache file is recomputed)."""
+    net, entry = load_classifier(dataset, kind, weights_dir or WEIGHTS_DIR)
     path = cache_dir() / "reference" / f"{dataset}_{split}_{kind}_{entry['sha256'][:16]}.npz"
     if path.is_file():
-        z = np.load(path)
-        return {k: z[k] for k in z.files}
+        cached = _read_reference(path, int(net.head.in_features))
+        if cached is not None:
+            return cached
     data = build_dataset(dataset, root=root, split=split)
     x, y = data.batch(torch.arange(len(data)))
     feats, _ = predict(net, x)
@@ -58,9 +86,13 @@ def reference_features(dataset: str, root: Optional[str], split: str, kind: str)
     mu, sigma = feature_statistics(feats)
     out = {"features": feats, "mu": mu, "sigma": sigma, "labels": y.numpy()}
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.stem + ".tmp.npz")
-    np.savez(tmp, **out)
-    os.replace(tmp, path)
+    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp.npz")  # renamed into place whole
+    try:
+        np.savez(tmp, **out)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     return out
 
 
@@ -74,17 +106,38 @@ def check_shape(images: torch.Tensor, dataset: str, root: Optional[str]) -> None
         )
 
 
+def check_labels(labels: Optional[torch.Tensor], num_classes: int, source: str = "samples") -> None:
+    """Refuse labels outside ``0..num_classes-1``, naming ``source`` and the first bad one."""
+    if labels is None:
+        return
+    labels = torch.as_tensor(labels)
+    bad = ((labels < 0) | (labels >= num_classes)).nonzero()
+    if len(bad):
+        i = int(bad[0])
+        raise DataError(f"{source}: label {int(labels[i])} (sample {i}, {len(bad)} in all) is outside the "
+                        f"data set's classes 0..{num_classes - 1}")
+
+
 @torch.no_grad()
 def evaluate_samples(images: torch.Tensor, labels: Optional[torch.Tensor], dataset: str,
-                     root: Optional[str] = None, ref_split: str = "train", seed: int = 0) -> dict:
-    """All sample metrics (see the module docstring) as a flat dict of floats."""
+                     root: Optional[str] = None, ref_split: str = "train", seed: int = 0,
+                     weights_dir: Optional[Path] = None, source: str = "samples") -> dict:
+    """All sample metrics (see the module docstring) as a flat dict of floats.
+
+    ``weights_dir``: evaluator / guide networks written by ``flowdit evaluator train``
+    (default: the shipped ones). ``source`` names the samples in error messages.
+    """
+    if len(images) < 2:
+        raise DataError(f"{source}: holds {len(images)} image(s); scoring needs at least 2 (a covariance)")
     check_shape(images, dataset, root)
     images = to_float(to_uint8(images))
     t0 = time.perf_counter()
     out: dict = {"dataset": dataset, "num_samples": len(images), "reference_split": ref_split}
     for kind, prefix in (("evaluator", ""), ("guide", "_guide")):
-        net, entry = load_classifier(dataset, kind)
-        ref = reference_features(dataset, root, ref_split, kind)
+        net, entry = load_classifier(dataset, kind, weights_dir or WEIGHTS_DIR)
+        if kind == "evaluator":
+            check_labels(labels, int(entry["arch"]["num_classes"]), source)
+        ref = reference_features(dataset, root, ref_split, kind, weights_dir)
         feats, logits = predict(net, images.float())
         mu, sigma = feature_statistics(feats.numpy())
         out["fid" + prefix] = frechet_distance(mu, sigma, ref["mu"], ref["sigma"])

@@ -11,7 +11,11 @@ One checkpoint is a directory ``<run_dir>/checkpoints/step_0000123/`` holding
 A checkpoint is written into a hidden temporary directory next to the others and renamed
 into place only when complete; ``checkpoints/latest`` names the newest one and is itself
 replaced atomically. A crash at any moment therefore leaves the previous checkpoint (and a
-``latest`` that names it) intact. One process writes to a run directory at a time.
+``latest`` that names it) intact. One process writes to a run directory at a time (the
+trainer holds :class:`flowdit.utils.files.DirLock` on it).
+
+Only finite weights are saved: a tensor group holding NaN or infinity is refused before a
+byte is written, so a checkpoint never preserves a diverged model.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ import hashlib
 import json
 import logging
 import os
+import pickle
 import re
 import shutil
 import tempfile
@@ -36,7 +41,11 @@ from flowdit.errors import CheckpointError, ConfigError
 __all__ = [
     "Checkpoint",
     "FORMAT_VERSION",
+    "CORRUPT_PREFIX",
+    "checkpoint_candidates",
     "latest_checkpoint",
+    "move_aside",
+    "nonfinite_tensors",
     "load_checkpoint",
     "load_state_dict_strict",
     "resolve_checkpoint",
@@ -55,6 +64,10 @@ _GROUP_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 # Hidden names (leading dot) are never mistaken for checkpoints by the directory scan.
 _TMP_PREFIX = ".tmp-"
 _TRASH_PREFIX = ".trash-"
+# A checkpoint that failed verification is renamed, not deleted: neither a step directory
+# nor hidden, so it is never loaded, pruned or cleaned up.
+CORRUPT_PREFIX = "corrupt-"
+_MANIFEST_KEYS = {"format", "format_version", "step", "tensor_groups", "files", "meta"}
 _CHUNK = 1 << 20
 
 log = logging.getLogger(__name__)
@@ -85,6 +98,7 @@ def save_checkpoint(
     trainer_state: Mapping[str, Any] | None = None,
     meta: Mapping[str, Any] | None = None,
     keep_last: int | None = 3,
+    protect_after: int | None = None,
 ) -> Path:
     """Write a checkpoint for ``step`` under ``<run_dir>/checkpoints/`` and return its path.
 
@@ -92,15 +106,23 @@ def save_checkpoint(
     (contiguous CPU copies). ``trainer_state`` may only hold tensors, numbers, strings,
     bytes, ``None``, lists, tuples and dicts (plus torch dtypes, devices and sizes);
     anything else raises :class:`CheckpointError` before a byte is written. ``meta`` must
-    be JSON-serialisable. After the new checkpoint and ``latest`` are in place, all but
-    the ``keep_last`` highest steps are removed (never the one just written; ``None``
-    keeps everything).
+    be JSON-serialisable. Every tensor must be finite: a NaN or infinity raises
+    :class:`CheckpointError` naming it, and nothing is written. After the new checkpoint
+    and ``latest`` are in place, all but the ``keep_last`` highest steps are removed (never
+    the one just written, nor any step above ``protect_after``: a run resumed from an older
+    checkpoint does not delete the newer ones; ``None`` keeps everything).
     """
     if not isinstance(step, int) or isinstance(step, bool) or step < 0:
         raise CheckpointError(f"step must be a non-negative int, got {step!r}")
     if keep_last is not None and (not isinstance(keep_last, int) or keep_last < 1):
         raise ConfigError(f"keep_last must be a positive int or None, got {keep_last!r}")
     groups = _cpu_groups(tensors)
+    bad = nonfinite_tensors(groups)
+    if bad:
+        raise CheckpointError(
+            f"step {step}: refusing to save non-finite weights ({len(bad)} tensors hold NaN or inf, "
+            f"first {bad[0]})"
+        )
     state = {} if trainer_state is None else dict(trainer_state)
     _check_trainer_state(state, "trainer_state")
     meta = {} if meta is None else dict(meta)
@@ -148,8 +170,19 @@ def save_checkpoint(
         raise
 
     _write_latest(root, name)
-    _prune(root, keep=keep_last, current=name)
+    _prune(root, keep=keep_last, current=name, protect_after=protect_after)
     return final
+
+
+def nonfinite_tensors(groups: Mapping[str, Mapping[str, torch.Tensor]]) -> list[str]:
+    """``"group/key"`` of every floating-point tensor that holds a NaN or an infinity."""
+    out = []
+    for group, sd in groups.items():
+        for key, t in sd.items():
+            if t.is_floating_point() or t.is_complex():
+                if not bool(torch.isfinite(t).all()):
+                    out.append(f"{group}/{key}")
+    return out
 
 
 def _cpu_groups(tensors: Mapping[str, Mapping[str, torch.Tensor]]) -> dict[str, dict]:
@@ -252,8 +285,9 @@ def _write_latest(root: Path, name: str) -> None:
     _fsync_dir(root)
 
 
-def _prune(root: Path, keep: int | None, current: str) -> None:
-    """Delete checkpoints beyond the ``keep`` highest steps, and leftovers of crashes."""
+def _prune(root: Path, keep: int | None, current: str, protect_after: int | None = None) -> None:
+    """Delete checkpoints beyond the ``keep`` highest steps (never one above
+    ``protect_after``), and leftovers of crashes."""
     for p in root.iterdir():
         # Leftovers of an interrupted save or prune; safe because one process writes a run.
         if p.name.startswith((_TMP_PREFIX, _TRASH_PREFIX)):
@@ -264,8 +298,8 @@ def _prune(root: Path, keep: int | None, current: str) -> None:
     if keep is None:
         return
     steps = sorted(_step_dirs(root), key=lambda sp: sp[0], reverse=True)
-    for _, p in steps[keep:]:
-        if p.name == current:
+    for step, p in steps[keep:]:
+        if p.name == current or (protect_after is not None and step > protect_after):
             continue
         # Rename first, so a half-deleted directory never looks like a checkpoint.
         trash = root / f"{_TRASH_PREFIX}{p.name}"
@@ -322,6 +356,33 @@ def latest_checkpoint(run_dir: str | os.PathLike) -> Path | None:
     if not complete:
         return None
     return max(complete, key=lambda sp: sp[0])[1]
+
+
+def checkpoint_candidates(run_dir: str | os.PathLike) -> list[Path]:
+    """Every ``step_N`` directory of a run, newest first (complete or not)."""
+    root = _checkpoints_root(Path(run_dir))
+    return [p for _, p in sorted(_step_dirs(root), key=lambda sp: sp[0], reverse=True)]
+
+
+def move_aside(path: str | os.PathLike) -> Path:
+    """Rename a checkpoint that failed verification to ``corrupt-step_N`` (numbered if
+    that exists) next to it, so it is kept for inspection but never loaded or pruned;
+    ``latest`` is pointed at the newest remaining complete checkpoint."""
+    path = Path(path)
+    root = path.parent
+    target = root / f"{CORRUPT_PREFIX}{path.name}"
+    n = 1
+    while target.exists():
+        n += 1
+        target = root / f"{CORRUPT_PREFIX}{path.name}.{n}"
+    os.replace(path, target)
+    complete = [(s, p) for s, p in _step_dirs(root) if (p / MANIFEST).is_file()]
+    if complete:
+        _write_latest(root, max(complete, key=lambda sp: sp[0])[1].name)
+    else:
+        (root / LATEST).unlink(missing_ok=True)
+    _fsync_dir(root)
+    return target
 
 
 def resolve_checkpoint(path: str | os.PathLike) -> Path:
@@ -390,9 +451,13 @@ def load_checkpoint(
         try:
             state = torch.load(fpath, map_location=map_location, weights_only=True)
         except Exception as e:  # UnpicklingError for refused objects, RuntimeError for corrupt zips
-            raise CheckpointError(
-                f"{fpath}: refused or unreadable trainer state ({_one_line(e)})"
-            ) from None
+            found = re.search(r"GLOBAL (\S+)", str(e)) if isinstance(e, pickle.UnpicklingError) else None
+            if found:  # weights_only met a reference to a callable: the file carries code
+                raise CheckpointError(
+                    f"{fpath}: this file contains code (a reference to {found.group(1)}), refused; a flowdit "
+                    "trainer state holds only tensors and plain values"
+                ) from None
+            raise CheckpointError(f"{fpath}: unreadable trainer state ({_one_line(e)})") from None
     return Checkpoint(
         step=manifest["step"], tensors=tensors, trainer_state=state,
         meta=manifest["meta"], path=ckpt,
@@ -409,9 +474,18 @@ def _read_manifest(path: Path) -> dict[str, Any]:
     if not isinstance(m, dict) or m.get("format") != "flowdit-checkpoint":
         raise CheckpointError(f"{path}: not a flowdit checkpoint manifest")
     version = m.get("format_version")
-    if not isinstance(version, int) or version > FORMAT_VERSION:
+    if version != FORMAT_VERSION or isinstance(version, bool):
+        newer = isinstance(version, int) and version > FORMAT_VERSION
         raise CheckpointError(
-            f"{path}: format version {version!r} is newer than this flowdit reads ({FORMAT_VERSION})"
+            f"{path}: format version {version!r} is "
+            + ("newer than" if newer else "not")
+            + f" the one this flowdit reads ({FORMAT_VERSION})"
+        )
+    unknown = sorted(set(m) - _MANIFEST_KEYS)
+    if unknown:
+        raise CheckpointError(
+            f"{path}: unknown manifest key {unknown[0]!r} (a flowdit checkpoint manifest holds "
+            f"{', '.join(sorted(_MANIFEST_KEYS))}); written by another program or version?"
         )
     files = m.get("files")
     groups = m.get("tensor_groups")

@@ -3,33 +3,97 @@
 A recipe file (``configs/digits.yaml``) names only what differs from these defaults;
 ``flowdit train --config FILE train.steps=500 optim.lr=3e-4`` overrides single keys, and
 the resolved configuration is written to ``<run_dir>/config.yaml``.
+
+Every key carries a one-line help (``flowdit train --list-keys`` prints them with their
+types and defaults). The whole tree is validated when it is built, before any data is read
+or any step is run: each section checks its own keys, :meth:`RunConfig.validate` the
+combinations and the names that registries resolve (model, solver, time sampler, data set).
+Messages use the keys as the user writes them (``train.keep_ckpts``).
 """
 
 from __future__ import annotations
 
+import dataclasses
+import os
 from dataclasses import dataclass, field
-from typing import Literal, Optional
+from typing import Any, Literal, Optional
 
 from ..errors import ConfigError
+
+# The largest seed every consumer accepts (torch.manual_seed takes up to 2**64 - 1, NumPy's
+# SeedSequence any non-negative int; a signed 64-bit bound keeps both happy).
+MAX_SEED = 2**63 - 1
+
+
+def _key(default: Any = None, help: str = "", factory: Any = None):
+    """A config field with its one-line help (``flowdit train --list-keys``)."""
+    if factory is not None:
+        return field(default_factory=factory, metadata={"help": help})
+    return field(default=default, metadata={"help": help})
+
+
+def _positive(section: str, obj: Any, *keys: str) -> None:
+    for k in keys:
+        v = getattr(obj, k)
+        if v is not None and not v > 0:
+            raise ConfigError(f"{section}.{k} must be positive, got {v}")
+
+
+def _non_negative(section: str, obj: Any, *keys: str) -> None:
+    for k in keys:
+        v = getattr(obj, k)
+        if v is not None and v < 0:
+            raise ConfigError(f"{section}.{k} must be >= 0, got {v}")
+
+
+def check_seed(value: int, name: str) -> int:
+    """Refuse a seed outside ``0 .. 2**63 - 1``, naming the key or flag ``name``."""
+    if not 0 <= value <= MAX_SEED:
+        raise ConfigError(f"{name} must be in 0..2**63-1, got {value}")
+    return value
+
+
+def solver_names() -> tuple[str, ...]:
+    """Every solver name ``generate`` accepts: the fixed-step registry, then the adaptive ones."""
+    from ..sampling.sample import ADAPTIVE_METHODS
+    from ..sampling.solvers import SOLVERS
+
+    return tuple(SOLVERS) + tuple(ADAPTIVE_METHODS)
+
+
+def check_solver(name: str, key: str) -> str:
+    """Refuse a solver name that the sampling registries do not know, naming ``key``."""
+    names = solver_names()
+    if name.strip().lower().replace("-", "_") not in names:
+        raise ConfigError(f"{key}: unknown solver {name!r}; valid: {', '.join(names)}")
+    return name
 
 
 @dataclass
 class ModelSection:
     """Which registry model to build; ``None`` fields keep the registry's value."""
 
-    name: str = "DiT-digits"
-    depth: Optional[int] = None
-    hidden_size: Optional[int] = None
-    num_heads: Optional[int] = None
-    patch_size: Optional[int] = None
-    mlp_ratio: Optional[float] = None
-    qk_norm: bool = False
+    name: str = _key("DiT-digits", "registry model (DiT-S/2 ... DiT-XL/8, DiT-digits, DiT-mnist, DiT-mnist-S, "
+                                   "DiT-mnist/2, DiT-tiny)")
+    depth: Optional[int] = _key(None, "number of transformer blocks (null: the registry's)")
+    hidden_size: Optional[int] = _key(None, "token width (null: the registry's)")
+    num_heads: Optional[int] = _key(None, "attention heads (null: the registry's)")
+    patch_size: Optional[int] = _key(None, "patch side in pixels (null: the registry's)")
+    mlp_ratio: Optional[float] = _key(None, "MLP width / token width (null: the registry's)")
+    qk_norm: bool = _key(False, "RMS-normalise queries and keys")
 
     def overrides(self) -> dict:
         keys = ("depth", "hidden_size", "num_heads", "patch_size", "mlp_ratio")
         out = {k: getattr(self, k) for k in keys if getattr(self, k) is not None}
         out["qk_norm"] = self.qk_norm
         return out
+
+    def validate(self) -> None:
+        from ..models.registry import MODEL_CONFIGS
+
+        if self.name not in MODEL_CONFIGS:
+            raise ConfigError(f"model.name: unknown model {self.name!r}; known models: {', '.join(MODEL_CONFIGS)}")
+        _positive("model", self, "depth", "hidden_size", "num_heads", "patch_size", "mlp_ratio")
 
 
 @dataclass
@@ -39,13 +103,36 @@ class DataSection:
     ``pairs``: a directory written by ``flowdit reflow pairs``; when set, the run trains on
     those fixed ``(noise, sample, label)`` couplings (reflow) instead of data with fresh
     noise. ``dataset`` still names the data set the samples imitate (shape, classes, metrics).
+
+    Relative paths (``root``, ``pairs``) are relative to the directory flowdit is run from;
+    the run's ``config.yaml`` records them made absolute, so that resuming, sampling or
+    scoring the run from anywhere reads the same files.
     """
 
-    dataset: str = "digits"
-    root: Optional[str] = None
-    image_size: Optional[int] = None
-    channels: Optional[int] = None
-    pairs: Optional[str] = None
+    dataset: str = _key("digits", "digits (embedded), mnist (IDX files in data.root) or folder (one subfolder "
+                                  "per class)")
+    root: Optional[str] = _key(None, "directory of the data set's files (mnist, folder); relative to the "
+                                     "working directory")
+    image_size: Optional[int] = _key(None, "folder: resize target; digits / mnist: may only restate 8 / 28")
+    channels: Optional[int] = _key(None, "folder: 1 or 3 (default 3); digits / mnist: may only be 1")
+    pairs: Optional[str] = _key(None, "directory of coupling pairs (flowdit reflow pairs): train on them (reflow)")
+
+    def validate(self) -> None:
+        from ..data import DATASET_NAMES
+
+        if self.dataset not in DATASET_NAMES:
+            raise ConfigError(f"data.dataset: unknown data set {self.dataset!r}; valid: {', '.join(DATASET_NAMES)}")
+        _positive("data", self, "image_size")
+        if self.channels is not None and self.channels not in (1, 3):
+            raise ConfigError(f"data.channels must be 1 or 3, got {self.channels}")
+
+    def shape(self) -> tuple[int, int]:
+        """``(channels, size)`` the data set will have, known without reading it."""
+        if self.dataset == "digits":
+            return 1, 8
+        if self.dataset == "mnist":
+            return 1, 28
+        return (self.channels or 3), (self.image_size or 0)
 
 
 @dataclass
@@ -60,15 +147,19 @@ class FlowSection:
     ``distill.loss=perceptual``.
     """
 
-    time_sampler: str = "logit_normal:m=0,s=1"
-    shift: float = 1.0
-    loss: Literal["mse", "huber", "rfpp"] = "mse"
-    huber_c: Optional[float] = None
-    label_dropout: float = 0.1
-    perceptual: Literal["guide", "lpips"] = "guide"
-    perceptual_weight: float = 1.0
+    time_sampler: str = _key("logit_normal:m=0,s=1", "how t is drawn: uniform, logit_normal:m=,s=, mode:scale=, "
+                                                     "cosmap, u_shaped:a=")
+    shift: float = _key(1.0, "resolution shift t' = a t / (1 + (a - 1) t), the same at train and sample time")
+    loss: Literal["mse", "huber", "rfpp"] = _key("mse", "mse, huber (pseudo-Huber) or rfpp (2-rectified flow++ on "
+                                                        "data.pairs)")
+    huber_c: Optional[float] = _key(None, "pseudo-Huber constant (null: 0.00054 sqrt(D))")
+    label_dropout: float = _key(0.1, "probability of the null class (classifier-free guidance)")
+    perceptual: Literal["guide", "lpips"] = _key("guide", "perceptual distance of rfpp and distill.loss=perceptual")
+    perceptual_weight: float = _key(1.0, "weight of the perceptual term of rfpp")
 
     def validate(self) -> None:
+        from ..core.timesteps import build_time_sampler
+
         if not 0.0 <= self.label_dropout < 1.0:
             raise ConfigError(f"flow.label_dropout must be in [0, 1), got {self.label_dropout}")
         if self.shift <= 0:
@@ -77,6 +168,10 @@ class FlowSection:
             raise ConfigError(f"flow.huber_c must be positive, got {self.huber_c}")
         if self.perceptual_weight < 0:
             raise ConfigError(f"flow.perceptual_weight must be >= 0, got {self.perceptual_weight}")
+        try:
+            build_time_sampler(self.time_sampler)
+        except ConfigError as e:
+            raise ConfigError(f"flow.time_sampler: {e}") from None
 
 
 @dataclass
@@ -93,13 +188,13 @@ class DistillSection:
     data and noise left-right together with probability 1/2.
     """
 
-    steps: int = 0
-    loss: Literal["mse", "huber", "perceptual"] = "mse"
-    teacher: Optional[str] = None
-    teacher_weight: float = 1.0
-    anneal_steps: int = 0
-    anneal_schedule: Literal["linear", "cos", "exp"] = "linear"
-    flip: bool = False
+    steps: int = _key(0, "k-step distillation on data.pairs (t on 1, (k-1)/k, ..., 1/k); 0: off")
+    loss: Literal["mse", "huber", "perceptual"] = _key("mse", "distance of the distillation loss")
+    teacher: Optional[str] = _key(None, "run directory of the SlimFlow flow-guided teacher (needs distill.steps=1)")
+    teacher_weight: float = _key(1.0, "weight of the flow-guided term")
+    anneal_steps: int = _key(0, "SlimFlow annealing reflow over this many steps; 0: off")
+    anneal_schedule: Literal["linear", "cos", "exp"] = _key("linear", "schedule of the annealing randomness")
+    flip: bool = _key(False, "flip each pair's data and noise left-right together with probability 1/2")
 
     @property
     def active(self) -> bool:
@@ -120,17 +215,21 @@ class DistillSection:
 class OptimSection:
     """AdamW with linear warm-up, gradient clipping and an EMA of the weights."""
 
-    lr: float = 1e-3
-    betas: tuple[float, float] = (0.9, 0.999)
-    weight_decay: float = 0.0
-    warmup_steps: int = 100
-    grad_clip: float = 1.0
-    ema_decay: float = 0.999
-    ema_warmup: bool = True
+    lr: float = _key(1e-3, "peak learning rate of AdamW")
+    betas: tuple[float, float] = _key((0.9, 0.999), "AdamW betas, each in [0, 1)")
+    weight_decay: float = _key(0.0, "AdamW decoupled weight decay (>= 0)")
+    warmup_steps: int = _key(100, "linear learning-rate warm-up steps (0: none)")
+    grad_clip: float = _key(1.0, "clip the global gradient norm to this value (0: no clipping)")
+    ema_decay: float = _key(0.999, "decay of the EMA of the weights, in [0, 1)")
+    ema_warmup: bool = _key(True, "EMA decay min(decay, (1 + k) / (10 + k)) at step k")
 
     def validate(self) -> None:
         if self.lr <= 0:
             raise ConfigError(f"optim.lr must be positive, got {self.lr}")
+        for i, b in enumerate(self.betas):
+            if not 0.0 <= b < 1.0:
+                raise ConfigError(f"optim.betas[{i}] must be in [0, 1), got {b}")
+        _non_negative("optim", self, "weight_decay", "warmup_steps", "grad_clip")
         if not 0.0 <= self.ema_decay < 1.0:
             raise ConfigError(f"optim.ema_decay must be in [0, 1), got {self.ema_decay}")
 
@@ -142,27 +241,33 @@ class TrainSection:
     checkpoint directory whose EMA weights start the model and its EMA (reflow starts from
     its teacher); ignored when resuming. ``grad_checkpoint``: recompute each block in
     the backward pass instead of storing its activations (less memory, about a third more
-    compute). ``tf32``: allow TensorFloat-32 matmuls on CUDA (no effect on a CPU)."""
+    compute). ``tf32``: allow TensorFloat-32 matmuls on CUDA (no effect on a CPU).
+    ``max_nonfinite_steps``: how many steps with a non-finite loss or gradient norm are
+    skipped (no update of the weights, the EMA or the optimizer state) before the run stops;
+    0 stops at the first."""
 
-    steps: int = 2000
-    batch_size: int = 128
-    grad_accum: int = 1
-    precision: Literal["auto", "bf16", "fp32"] = "auto"
-    compile: bool = False
-    grad_checkpoint: bool = False
-    tf32: bool = True
-    seed: int = 0
-    log_every: int = 50
-    ckpt_every: int = 500
-    keep_ckpts: int = 2
-    sample_every: int = 0
-    tensorboard: bool = False
-    init_from: Optional[str] = None
+    steps: int = _key(2000, "optimizer steps of the run (may be raised on --resume)")
+    batch_size: int = _key(128, "global batch: all processes and gradient-accumulation micro-steps")
+    grad_accum: int = _key(1, "gradient-accumulation micro-steps per optimizer step")
+    precision: Literal["auto", "bf16", "fp32"] = _key("auto", "auto: bf16 autocast where the hardware runs it "
+                                                              "natively, else fp32")
+    compile: bool = _key(False, "torch.compile the model (falls back to eager with a message)")
+    grad_checkpoint: bool = _key(False, "recompute each block in backward (less memory, more compute)")
+    tf32: bool = _key(True, "allow TensorFloat-32 matmuls on CUDA")
+    seed: int = _key(0, "seed of the weights, the data order and every draw, in 0..2**63-1")
+    log_every: int = _key(50, "append a line to metrics.jsonl every this many steps")
+    ckpt_every: int = _key(500, "write a checkpoint every this many steps (0: only at the end)")
+    keep_ckpts: int = _key(2, "keep this many newest checkpoints (>= 1)")
+    sample_every: int = _key(0, "write an EMA sample grid every this many steps (0: never)")
+    tensorboard: bool = _key(False, "also log to TensorBoard (needs the tensorboard package)")
+    init_from: Optional[str] = _key(None, "run or checkpoint directory whose EMA weights start the model")
+    max_nonfinite_steps: int = _key(0, "skip up to this many steps with a non-finite loss or gradient norm "
+                                       "(0: stop at the first)")
 
     def validate(self) -> None:
-        for key in ("steps", "batch_size", "grad_accum", "log_every"):
-            if getattr(self, key) <= 0:
-                raise ConfigError(f"train.{key} must be positive, got {getattr(self, key)}")
+        _positive("train", self, "steps", "batch_size", "grad_accum", "log_every", "keep_ckpts")
+        _non_negative("train", self, "ckpt_every", "sample_every", "max_nonfinite_steps")
+        check_seed(self.seed, "train.seed")
         if self.batch_size % self.grad_accum:
             raise ConfigError(
                 f"train.batch_size {self.batch_size} is not divisible by train.grad_accum {self.grad_accum}"
@@ -173,29 +278,40 @@ class TrainSection:
 class SampleSection:
     """How the run samples: periodic EMA grids during training and the final outputs."""
 
-    solver: str = "heun"
-    steps: int = 16
-    cfg: float = 1.5
-    per_class: int = 10
-    num_eval: int = 1000
+    solver: str = _key("heun", "solver of the sample grids and final samples (flowdit sample --help lists them)")
+    steps: int = _key(16, "solver steps (ignored by adaptive solvers)")
+    cfg: float = _key(1.5, "classifier-free guidance scale (1: none; >= 0)")
+    per_class: int = _key(10, "samples per class in samples.png")
+    num_eval: int = _key(1000, "samples in samples.npz, scored in metrics.json")
+
+    def validate(self) -> None:
+        check_solver(self.solver, "sample.solver")
+        _positive("sample", self, "steps", "per_class", "num_eval")
+        if self.cfg < 0:
+            raise ConfigError(f"sample.cfg must be >= 0 (1: no guidance), got {self.cfg}")
 
 
 @dataclass
 class RunConfig:
     """A complete training run. Outputs go to ``<out_dir>/<name>/``."""
 
-    name: str = "digits"
-    out_dir: str = "runs"
-    model: ModelSection = field(default_factory=ModelSection)
-    data: DataSection = field(default_factory=DataSection)
-    flow: FlowSection = field(default_factory=FlowSection)
-    optim: OptimSection = field(default_factory=OptimSection)
-    train: TrainSection = field(default_factory=TrainSection)
-    sample: SampleSection = field(default_factory=SampleSection)
-    distill: DistillSection = field(default_factory=DistillSection)
+    name: str = _key("digits", "run name: the run directory is out_dir/name")
+    out_dir: str = _key("runs", "directory holding the runs; relative to the working directory")
+    model: ModelSection = _key(factory=ModelSection)
+    data: DataSection = _key(factory=DataSection)
+    flow: FlowSection = _key(factory=FlowSection)
+    optim: OptimSection = _key(factory=OptimSection)
+    train: TrainSection = _key(factory=TrainSection)
+    sample: SampleSection = _key(factory=SampleSection)
+    distill: DistillSection = _key(factory=DistillSection)
 
     def validate(self) -> None:
-        """Checks across sections: what needs coupling pairs, and which losses combine."""
+        """Checks across sections: what needs coupling pairs, which losses combine, and
+        whether the model fits the data set's shape."""
+        if not self.name or self.name in (".", "..") or "/" in self.name or "\\" in self.name:
+            raise ConfigError(f"name must be a plain directory name (no '/'), got {self.name!r}")
+        if not self.out_dir:
+            raise ConfigError("out_dir must not be empty")
         if self.distill.active and not self.data.pairs:
             raise ConfigError("distill.* options train on coupling pairs: set data.pairs (flowdit reflow pairs)")
         if self.flow.loss == "rfpp" and not self.data.pairs:
@@ -203,3 +319,36 @@ class RunConfig:
         if self.flow.loss == "rfpp" and self.distill.steps:
             raise ConfigError("flow.loss=rfpp trains the flow at all t; for distillation (distill.steps > 0) choose "
                               "the distance with distill.loss")
+        channels, size = self.data.shape()
+        if size:  # a folder without data.image_size is refused when the data set is built
+            from ..models.registry import model_config
+
+            try:  # the class count does not change which architectures are valid
+                model_config(self.model.name, size, channels, 10, **self.model.overrides())
+            except ConfigError as e:
+                raise ConfigError(f"model: {e} (for {size}x{size} {self.data.dataset} images)") from None
+
+    def resolved(self) -> "RunConfig":
+        """A copy whose input paths (``data.root``, ``data.pairs``, ``train.init_from``,
+        ``distill.teacher``) are absolute, resolved against the working directory; what a
+        run records in its ``config.yaml``."""
+
+        def absolute(p: Optional[str]) -> Optional[str]:
+            return None if p is None else os.path.abspath(os.path.expanduser(p))
+
+        return dataclasses.replace(
+            self,
+            data=dataclasses.replace(self.data, root=absolute(self.data.root), pairs=absolute(self.data.pairs)),
+            train=dataclasses.replace(self.train, init_from=absolute(self.train.init_from)),
+            distill=dataclasses.replace(self.distill, teacher=absolute(self.distill.teacher)),
+        )
+
+
+# Keys whose change on --resume leaves the weights' trajectory as it was: how long the run
+# goes, what it logs and samples, and how often it saves. Everything else needs
+# --allow-config-change, which records the change next to the run.
+RESUME_FREE_KEYS = (
+    "train.steps", "train.log_every", "train.ckpt_every", "train.sample_every", "train.tensorboard",
+    "sample.solver", "sample.steps", "sample.cfg", "sample.per_class", "sample.num_eval",
+)
+

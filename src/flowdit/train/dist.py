@@ -33,14 +33,14 @@ def init_distributed(device: str | None = None) -> DistInfo:
     """Join the process group started by ``torchrun`` (if any) and pick the device.
 
     CUDA processes get the GPU of their local rank and the nccl backend; CPU processes
-    use gloo.
+    use gloo. A device this machine does not have raises :class:`ConfigError`.
     """
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    if device is None:
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    dev = torch.device(device)
+    from ..utils.device import resolve_device
+
+    dev = resolve_device(device)
     if dev.type == "cuda":
         dev = torch.device("cuda", local_rank)
         torch.cuda.set_device(dev)

@@ -5,16 +5,16 @@ independent classifier gives the samples."""
 from __future__ import annotations
 
 import json
-import os
 import time
 from pathlib import Path
 from typing import Optional
 
 import torch
 
-from ..data import build_dataset
+from ..data import build_dataset, to_float, to_uint8
 from ..eval.classifier import fit_reference_classifier
 from ..sampling.generate import generate
+from ..utils.files import atomic_write
 from ..utils.images import save_grid_png, save_npz
 from .config import RunConfig, SampleSection
 
@@ -36,9 +36,11 @@ def sample_classes(model, shape, num_classes: int, per_class: int, sc: SampleSec
 
 
 def write_json(path: Path, obj: dict) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n")
-    os.replace(tmp, path)
+    """Write ``obj`` as strict JSON (a non-finite float becomes ``null``), atomically."""
+    from .trainer import finite_or_none
+
+    text = json.dumps(finite_or_none(obj), indent=2, allow_nan=False) + "\n"
+    atomic_write(Path(path), lambda f: f.write(text.encode()))
 
 
 @torch.no_grad()
@@ -62,6 +64,8 @@ def write_run_outputs(run_dir: Path, model, cfg: RunConfig, amp_dtype=None, devi
     sample_seconds = time.perf_counter() - t0
     save_npz(run_dir / "samples.npz", gen.images, gen.labels)
 
+    # Scored as saved: samples.npz holds 8-bit pixels, and its score must be the one reported.
+    saved = to_float(to_uint8(gen.images))
     metrics = {
         "dataset": train.name, "num_samples": len(labels), "solver": sc.solver, "steps": sc.steps,
         "nfe": gen.nfe, "cfg": sc.cfg, "seed": cfg.train.seed + 2,
@@ -73,7 +77,7 @@ def write_run_outputs(run_dir: Path, model, cfg: RunConfig, amp_dtype=None, devi
         trn_x, trn_y = train.batch(torch.arange(len(train)))
         tst_x, tst_y = test.batch(torch.arange(len(test)))
         clf = fit_reference_classifier(trn_x, trn_y, tst_x, tst_y, seed=cfg.train.seed)
-        metrics["class_accuracy"] = clf.accuracy(gen.images, gen.labels)
+        metrics["class_accuracy"] = clf.accuracy(saved, gen.labels)
         metrics["classifier"] = "RBF-SVM on real train pixels"
         metrics["classifier_test_accuracy"] = clf.test_accuracy
     except Exception as exc:  # a dataset without a test split still gets its samples

@@ -6,7 +6,7 @@ from pathlib import Path
 
 from ..errors import CheckpointError
 from ..models import DiT, DiTConfig
-from .checkpoint import load_checkpoint, load_state_dict_strict
+from .checkpoint import load_checkpoint, load_state_dict_strict, nonfinite_tensors
 
 
 def load_run_model(path: str | Path, use_ema: bool = True, map_location: str = "cpu") -> tuple[DiT, dict]:
@@ -24,5 +24,9 @@ def load_run_model(path: str | Path, use_ema: bool = True, map_location: str = "
     which = "ema" if use_ema else "model"
     if which not in ckpt.tensors:
         raise CheckpointError(f"{ckpt.path}: no {which}.safetensors in checkpoint")
+    bad = nonfinite_tensors({which: ckpt.tensors[which]})
+    if bad:
+        raise CheckpointError(f"{ckpt.path}: {len(bad)} {which} weight tensors hold NaN or inf (first {bad[0]}); "
+                              "refused: the run diverged before this checkpoint")
     load_state_dict_strict(model, ckpt.tensors[which], which)
     return model.eval(), ckpt.meta

@@ -8,12 +8,22 @@ seeded by ``(seed, epoch)``. So the samples a step sees, and what is drawn for e
 them, depend neither on the number of processes nor on whether the run was resumed:
 a 2-process run equals a 1-process run with the same global batch up to the order of
 floating-point reductions, and a resumed run continues the same loss curve.
+
+Never losing a run. The main process holds an exclusive lock on the run directory
+(:class:`flowdit.utils.files.DirLock`) from construction to the end of :meth:`Trainer.fit`.
+A step whose loss or gradient norm is not finite is caught before the optimizer step
+(nothing is updated, nothing saved): the run stops, or skips it while fewer than
+``train.max_nonfinite_steps`` have been skipped. A checkpoint is written only with
+finite weights. A resume takes its settings from the checkpoint it continues; a change
+that alters the trajectory is refused unless asked for, and then recorded next to the run
+(``config.resume-N.yaml``).
 """
 
 from __future__ import annotations
 
 import copy
 import json
+import math
 import time
 from contextlib import nullcontext
 from pathlib import Path
@@ -27,19 +37,77 @@ from ..core.timesteps import build_time_sampler, shift_time
 from ..data import build_dataset
 from ..distill.onestep import distill_times
 from ..distill.slimflow import anneal_randomness, guide_times, joint_flip, mix_noise
-from ..errors import CheckpointError, FlowditError
+from ..errors import CheckpointError, ConfigError, FlowditError
 from ..models import DiT, build_model
-from ..utils.config import save_config, to_dict
+from ..utils.config import config_diff, from_dict, save_config, to_dict
+from ..utils.files import DirLock, check_writable
 from ..utils.precision import autocast
 from ..utils.seeding import seeded_generator
 from . import dist as D
-from .checkpoint import latest_checkpoint, load_checkpoint, load_state_dict_strict, save_checkpoint
-from .config import RunConfig
+from .checkpoint import (
+    checkpoint_candidates,
+    load_checkpoint,
+    load_state_dict_strict,
+    move_aside,
+    nonfinite_tensors,
+    save_checkpoint,
+)
+from .config import RESUME_FREE_KEYS, RunConfig
 from .objective import Objective
+
+# What a trainer state must hold to continue a run exactly.
+_STATE_KEYS = ("step", "optimizer", "torch_rng")
 
 
 class TrainingDiverged(FlowditError):
-    """The loss became NaN or infinite; the last good checkpoint is kept."""
+    """The loss, the gradient norm or the weights became NaN or infinite; nothing after
+    the last finite checkpoint was saved."""
+
+
+def finite_or_none(obj):
+    """``obj`` with every non-finite float replaced by ``None``, so that it is valid JSON
+    (``json.dumps`` would write ``NaN`` / ``Infinity``, which JSON does not have)."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: finite_or_none(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [finite_or_none(v) for v in obj]
+    return obj
+
+
+def saved_run_config(run_dir: Path) -> Optional[dict]:
+    """The config a resume of ``run_dir`` starts from, as a plain dict: the one recorded in
+    the manifest of its newest checkpoint that has a readable one, else its
+    ``config.yaml``; None for a directory without either."""
+    for path in checkpoint_candidates(run_dir):
+        try:
+            meta = json.loads((path / "manifest.json").read_text()).get("meta", {})
+        except (OSError, ValueError, AttributeError):
+            continue
+        if isinstance(meta, dict) and isinstance(meta.get("config"), dict):
+            return meta["config"]
+    cfg_file = run_dir / "config.yaml"
+    if cfg_file.is_file():
+        import yaml
+
+        try:
+            data = yaml.safe_load(cfg_file.read_text())
+        except yaml.YAMLError:
+            raise ConfigError(f"{cfg_file}: not valid YAML; pass --config to resume with a recipe") from None
+        return data if isinstance(data, dict) else None
+    return None
+
+
+def existing_run(run_dir: Path) -> Optional[str]:
+    """What makes ``run_dir`` an existing run (its checkpoints, config or log), or None."""
+    steps = checkpoint_candidates(run_dir)
+    if steps:
+        return f"checkpoints up to {steps[0].name}"
+    for name in ("config.yaml", "metrics.jsonl"):
+        if (run_dir / name).exists():
+            return name
+    return None
 
 
 def cpu_has_bf16() -> bool:
@@ -124,17 +192,42 @@ class Trainer:
     ``metrics.jsonl``, ``checkpoints/step_*/`` and, when asked, sample grids.
     """
 
-    def __init__(self, cfg: RunConfig, resume: bool = False, device: Optional[str] = None, progress: bool = True):
-        self.cfg = cfg
+    def __init__(self, cfg: RunConfig, resume: bool = False, device: Optional[str] = None, progress: bool = True,
+                 allow_config_change: bool = False, resume_fallback: bool = False):
+        self.cfg = cfg.resolved()
+        self.allow_config_change = allow_config_change
+        self.resume_fallback = resume_fallback
         self.dist = D.init_distributed(device)
         self.device = self.dist.device
         self.progress = progress and self.dist.is_main
-        self.run_dir = Path(cfg.out_dir) / cfg.name
-        tc = cfg.train
+        self.run_dir = Path(self.cfg.out_dir) / self.cfg.name
+        self.last_checkpoint: Optional[Path] = None  # the newest finite checkpoint of this run
+        self.resumed_from: Optional[int] = None
+        self.config_changes: list[tuple[str, object, object]] = []
+        self._protect_after: Optional[int] = None
+        self.nonfinite_steps = 0
+        self._lock: Optional[DirLock] = None
+        if self.dist.is_main:
+            check_writable(self.run_dir, "out_dir")
+            self._lock = DirLock(self.run_dir).acquire()
+        try:
+            self._build(resume)
+        except BaseException:
+            self.close()
+            raise
+
+    def _build(self, resume: bool) -> None:
+        cfg, tc = self.cfg, self.cfg.train
+        if not resume and self.dist.is_main:
+            found = existing_run(self.run_dir)
+            if found:
+                raise ConfigError(f"{self.run_dir} already holds a run ({found}): pass --resume to continue it, "
+                                  "or choose another name= (or out_dir=)")
         world = self.dist.world_size
         if tc.batch_size % (world * tc.grad_accum):
-            raise FlowditError(
-                f"train.batch_size {tc.batch_size} must be divisible by processes x grad_accum = {world} x {tc.grad_accum}"
+            raise ConfigError(
+                f"train.batch_size {tc.batch_size} must be divisible by processes x train.grad_accum = "
+                f"{world} x {tc.grad_accum}"
             )
         self.micro_batch = tc.batch_size // (world * tc.grad_accum)
 
@@ -164,6 +257,12 @@ class Trainer:
         fwd = self.ddp if self.ddp is not None else self.model
         self.forward = compiled_or_eager(fwd) if tc.compile else fwd
 
+    def close(self) -> None:
+        """Release this trainer's hold on the run directory's lock (idempotent)."""
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
+
     # -- state ------------------------------------------------------------------------
 
     def meta(self) -> dict:
@@ -175,19 +274,33 @@ class Trainer:
         }
 
     def save(self) -> Path:
-        """Write a checkpoint of the current step (main process only)."""
+        """Write a checkpoint of the current step (main process only). Weights holding a
+        NaN or an infinity are never written: that raises :class:`TrainingDiverged`."""
         if not self.dist.is_main:
             return self.run_dir
+        tensors = {"model": self.model.state_dict(), "ema": self.ema.state_dict()}
+        bad = nonfinite_tensors(tensors)
+        if bad:
+            raise TrainingDiverged(f"training diverged by step {self.step}: {len(bad)} weight tensors hold NaN or "
+                                   f"inf (first {bad[0]}); not saved. {self._last_good()}")
         state = {
             "step": self.step,
             "optimizer": self.optimizer.state_dict(),
             "torch_rng": torch.get_rng_state(),
+            "nonfinite_steps": self.nonfinite_steps,
         }
-        return save_checkpoint(
-            self.run_dir, self.step,
-            {"model": self.model.state_dict(), "ema": self.ema.state_dict()},
-            state, self.meta(), keep_last=self.cfg.train.keep_ckpts,
+        path = save_checkpoint(
+            self.run_dir, self.step, tensors, state, self.meta(), keep_last=self.cfg.train.keep_ckpts,
+            protect_after=self._protect_after,
         )
+        self.last_checkpoint = path
+        return path
+
+    def _last_good(self) -> str:
+        if self.last_checkpoint is None:
+            return "No checkpoint of this run was written yet."
+        return (f"The last finite checkpoint is {self.last_checkpoint} (continue from it with --resume, "
+                "e.g. with a lower optim.lr).")
 
     def _load_pairs(self, path: str):
         from ..distill.pairs import load_pairs
@@ -208,23 +321,112 @@ class Trainer:
             raise CheckpointError(f"train.init_from {path}: model config {saved} differs from the configured one")
         load_state_dict_strict(self.model, ckpt.tensors["ema"], "ema")
 
+    def _choose_checkpoint(self):
+        """The newest checkpoint that loads and verifies. A damaged newer one stops the
+        resume, naming the one that would be used, unless ``resume_fallback``: then the
+        damaged ones are renamed ``corrupt-step_N`` (kept, never loaded or pruned)."""
+        damaged = []
+        for path in checkpoint_candidates(self.run_dir):
+            try:
+                ckpt = load_checkpoint(path, map_location="cpu")
+            except CheckpointError as e:
+                damaged.append((path, e))
+                continue
+            if damaged and not self.resume_fallback:
+                first, err = damaged[0]
+                raise CheckpointError(f"{err} -- the newest intact checkpoint is {path.name}: pass --resume-fallback "
+                                      f"to resume from it (the damaged one is kept as corrupt-{first.name})")
+            for bad, _ in damaged:
+                if self.dist.is_main:
+                    print(f"flowdit: {bad.name} is damaged; kept as {move_aside(bad).name}")
+            return ckpt
+        if damaged:
+            raise damaged[0][1]
+        return None
+
     def _resume(self) -> None:
-        path = latest_checkpoint(self.run_dir)
-        if path is None:
+        if self.dist.enabled:  # rank 0 may move damaged checkpoints aside; the others wait for that
+            ckpt = self._choose_checkpoint() if self.dist.is_main else None
+            D.barrier(self.dist)
+            if not self.dist.is_main:
+                ckpt = self._choose_checkpoint()
+        else:
+            ckpt = self._choose_checkpoint()
+        if ckpt is None:
             if self.dist.is_main:
                 print(f"flowdit: no checkpoint in {self.run_dir}; starting from step 0")
             return
-        ckpt = load_checkpoint(path, map_location="cpu")
+        path = ckpt.path
+        state = ckpt.trainer_state
+        missing = [k for k in _STATE_KEYS if not isinstance(state, dict) or k not in state]
+        if missing:
+            raise CheckpointError(f"{path / 'trainer_state.pt'}: trainer state has no {missing[0]!r}; it cannot "
+                                  "continue a run")
+        self._check_resume_config(ckpt)
         saved_model = ckpt.meta.get("model_config")
         if saved_model is not None and saved_model != self.model.config_dict():
             raise CheckpointError(f"{path}: saved model config {saved_model} differs from the configured one")
         load_state_dict_strict(self.model, ckpt.tensors["model"], "model")
         load_state_dict_strict(self.ema, ckpt.tensors["ema"], "ema")
-        self.optimizer.load_state_dict(ckpt.trainer_state["optimizer"])
-        torch.set_rng_state(ckpt.trainer_state["torch_rng"])
-        self.step = int(ckpt.trainer_state["step"])
+        try:
+            self.optimizer.load_state_dict(state["optimizer"])
+            torch.set_rng_state(state["torch_rng"])
+        except (ValueError, KeyError, TypeError, RuntimeError) as e:
+            raise CheckpointError(f"{path / 'trainer_state.pt'}: optimizer or RNG state does not fit this run "
+                                  f"({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
+        self.step = int(state["step"])
+        self.nonfinite_steps = int(state.get("nonfinite_steps", 0))
+        self.resumed_from = self.step
+        self.last_checkpoint = path
         if self.dist.is_main:
             print(f"flowdit: resumed from {path} at step {self.step}")
+
+    def _check_resume_config(self, ckpt) -> None:
+        """The run's saved config is the source of truth: refuse a change of any key
+        outside :data:`RESUME_FREE_KEYS` unless ``allow_config_change``; keep the list of
+        changes for :meth:`_record_config_changes`."""
+        saved = ckpt.meta.get("config")
+        if saved is None and (self.run_dir / "config.yaml").is_file():
+            import yaml
+
+            saved = yaml.safe_load((self.run_dir / "config.yaml").read_text())
+        if saved is None:
+            return
+        try:  # resolve it as it is now read, so that a run saved before paths were resolved compares equal
+            saved = to_dict(from_dict(RunConfig, saved).resolved())
+        except ConfigError as e:
+            raise CheckpointError(f"{ckpt.path}: saved config is not valid for this flowdit ({e})") from None
+        # name and out_dir only say where the run is (found there, however they are spelled).
+        changes = [c for c in config_diff(saved, to_dict(self.cfg)) if c[0] not in ("name", "out_dir")]
+        refused = [c for c in changes if c[0] not in RESUME_FREE_KEYS]
+        if refused and not self.allow_config_change:
+            key, old, new = refused[0]
+            more = f" (and {len(refused) - 1} more: {', '.join(c[0] for c in refused[1:])})" if len(refused) > 1 else ""
+            raise ConfigError(
+                f"--resume: {key} is {old!r} in the run ({ckpt.path.name}) but {new!r} here{more}; a resumed run keeps "
+                "its settings: drop the change, or pass --allow-config-change to make it (recorded in the run)"
+            )
+        step = int(ckpt.trainer_state["step"])
+        if self.cfg.train.steps < step:
+            raise ConfigError(f"train.steps {self.cfg.train.steps} is below the step the run resumes from ({step})")
+        self.config_changes = changes
+        # Pruning never removes a checkpoint newer than the one resumed from.
+        newer = [int(p.name.split("_")[1]) for p in checkpoint_candidates(self.run_dir)]
+        self._protect_after = step if any(s > step for s in newer) else None
+
+    def _record_config_changes(self) -> None:
+        """Write the config of a resume that changed keys as ``config.resume-N.yaml``, its
+        first lines saying what changed; ``config.yaml`` keeps the config the run began with."""
+        if not self.config_changes:
+            return
+        n = 1
+        while (self.run_dir / f"config.resume-{n}.yaml").exists():
+            n += 1
+        lines = [f"resumed at step {self.resumed_from} with changes:"]
+        lines += [f"  {k}: {old!r} -> {new!r}" for k, old, new in self.config_changes]
+        path = save_config(self.cfg, self.run_dir / f"config.resume-{n}.yaml", header="\n".join(lines))
+        shown = ", ".join(f"{k} {old!r} -> {new!r}" for k, old, new in self.config_changes)
+        print(f"flowdit: resumed with changed settings ({shown}); recorded in {path}")
 
     # -- one step -----------------------------------------------------------------------
 
@@ -304,13 +506,26 @@ class Trainer:
                 (loss / tc.grad_accum).backward()
             loss_sum += loss.detach() / tc.grad_accum
         loss_mean = D.all_reduce_mean(loss_sum, self.dist)
-        if not torch.isfinite(loss_mean):
+        clip = self.cfg.optim.grad_clip if self.cfg.optim.grad_clip > 0 else float("inf")
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+        # Checked before the update: a non-finite loss or gradient must not reach the weights,
+        # the EMA or the optimizer's moments. The gradients are all-reduced, so every process
+        # sees the same norm and takes the same branch.
+        if not (torch.isfinite(loss_mean) and torch.isfinite(grad_norm)):
             opt.zero_grad(set_to_none=True)
-            raise TrainingDiverged(
-                f"loss is {loss_mean.item()} at step {self.step}; stopped. The last good checkpoint in "
-                f"{self.run_dir / 'checkpoints'} is kept (lower optim.lr or use train.precision=fp32)."
-            )
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), self.cfg.optim.grad_clip if self.cfg.optim.grad_clip > 0 else float("inf"))
+            self.nonfinite_steps += 1
+            what = f"loss {loss_mean.item():.4g}, gradient norm {grad_norm.item():.4g}"
+            limit = self.cfg.train.max_nonfinite_steps
+            if self.nonfinite_steps > limit:
+                skipped = f" ({limit} skipped before, train.max_nonfinite_steps={limit})" if limit else ""
+                raise TrainingDiverged(
+                    f"training diverged at step {self.step + 1}: {what}{skipped}; stopped before the update, "
+                    f"nothing saved after it. {self._last_good()}"
+                )
+            if self.dist.is_main:
+                print(f"flowdit: step {self.step + 1} skipped ({what}); {self.nonfinite_steps} of at most {limit}")
+            self.step += 1
+            return {"loss": loss_mean, "grad_norm": grad_norm.detach(), "lr": lr, "skipped": True}
         opt.step()
         opt.zero_grad(set_to_none=True)
         update_ema(self.ema, model, self.ema_decay_at(self.step))
@@ -320,12 +535,23 @@ class Trainer:
     # -- the loop ---------------------------------------------------------------------
 
     def fit(self) -> dict:
-        """Train until ``train.steps``; returns the last logged metrics."""
+        """Train until ``train.steps``; returns the last logged metrics. Releases this
+        trainer's hold on the run directory's lock when it returns or raises."""
+        try:
+            return self._fit()
+        finally:
+            self.close()
+
+    def _fit(self) -> dict:
         tc = self.cfg.train
         run_dir = self.run_dir
         if self.dist.is_main:
             run_dir.mkdir(parents=True, exist_ok=True)
-            save_config(self.cfg, run_dir / "config.yaml")
+            if self.resumed_from is None:
+                save_config(self.cfg, run_dir / "config.yaml")
+            else:
+                self._record_config_changes()
+                self.config_changes = []
         writer = self._tensorboard()
         log_path = run_dir / "metrics.jsonl"
         bar = tqdm(total=tc.steps, initial=self.step, disable=not self.progress, desc="train", dynamic_ncols=True)
@@ -334,22 +560,29 @@ class Trainer:
         try:
             while self.step < tc.steps:
                 out = self.train_step()
-                window_loss += float(out["loss"])
-                window_n += 1
+                if not out.get("skipped"):
+                    window_loss += float(out["loss"])
+                    window_n += 1
                 bar.update(1)
                 if self.step % tc.log_every == 0 or self.step == tc.steps:
                     dt = time.perf_counter() - t0
                     last = {
-                        "step": self.step, "loss": window_loss / window_n, "grad_norm": float(out["grad_norm"]),
-                        "lr": out["lr"], "images_per_s": window_n * tc.batch_size / dt, "time": time.time(),
+                        "step": self.step, "loss": window_loss / window_n if window_n else None,
+                        "grad_norm": float(out["grad_norm"]), "lr": out["lr"],
+                        "images_per_s": window_n * tc.batch_size / dt, "time": time.time(),
                     }
+                    if self.nonfinite_steps:
+                        last["nonfinite_steps"] = self.nonfinite_steps
+                    last = finite_or_none(last)
                     if self.dist.is_main:
                         with open(log_path, "a") as f:
-                            f.write(json.dumps(last) + "\n")
+                            f.write(json.dumps(last, allow_nan=False) + "\n")
                         if writer is not None:
                             for k in ("loss", "grad_norm", "lr", "images_per_s"):
-                                writer.add_scalar(f"train/{k}", last[k], self.step)
-                    bar.set_postfix(loss=f"{last['loss']:.4f}", ips=f"{last['images_per_s']:.0f}")
+                                if last[k] is not None:
+                                    writer.add_scalar(f"train/{k}", last[k], self.step)
+                    if last["loss"] is not None:
+                        bar.set_postfix(loss=f"{last['loss']:.4f}", ips=f"{last['images_per_s']:.0f}")
                     window_loss, window_n, t0 = 0.0, 0, time.perf_counter()
                 if tc.ckpt_every and self.step % tc.ckpt_every == 0 and self.step < tc.steps:
                     self.save()

@@ -8,9 +8,14 @@ Typical use::
 
 Values are checked against the field annotations (``int``, ``float``, ``bool``, ``str``,
 ``Optional[X]``, ``list[X]``, ``tuple[X, ...]``, ``dict[str, X]``, ``Literal[...]``,
-nested dataclasses, ``pathlib.Path``, ``Any``). After building, every dataclass in the
-tree that defines ``validate(self)`` is validated, children before parents, so a parent
-may rely on its children being valid.
+nested dataclasses, ``pathlib.Path``, ``Any``). A ``float`` field takes finite values
+only: ``nan`` and ``inf`` are refused with the key's name (no setting of a training run
+means anything at infinity, and a NaN would pass every ``<`` / ``>`` check unnoticed).
+After building, every dataclass in the tree that defines ``validate(self)`` is validated,
+children before parents, so a parent may rely on its children being valid.
+
+A field's one-line help is its ``metadata["help"]`` (``field(default=..., metadata={"help": ...})``);
+:func:`describe_keys` lists every key with its type, default and help.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ import copy
 import dataclasses
 import difflib
 import functools
+import math
 import os
 import pathlib
 import tempfile
@@ -32,9 +38,13 @@ from flowdit.errors import ConfigError
 
 __all__ = [
     "apply_overrides",
+    "config_diff",
+    "describe_keys",
     "from_dict",
     "load_config",
+    "merge_dicts",
     "parse_override",
+    "read_yaml",
     "save_config",
     "to_dict",
     "validate_config",
@@ -269,15 +279,20 @@ def _coerce_int(value: Any, key: str) -> int:
 
 
 def _coerce_float(value: Any, key: str) -> float:
+    out = None
     if isinstance(value, (int, float)) and not isinstance(value, bool):
-        return float(value)
-    if isinstance(value, str):
+        out = float(value)
+    elif isinstance(value, str):
         # YAML 1.1 reads `1e-4` (no dot) as a string; float() reads it as intended.
         try:
-            return float(value.strip())
+            out = float(value.strip())
         except ValueError:
             pass
-    raise ConfigError(f"{key}: expected float, got {_show(value)}")
+    if out is None:
+        raise ConfigError(f"{key}: expected float, got {_show(value)}")
+    if not math.isfinite(out):
+        raise ConfigError(f"{key}: expected a finite number, got {_show(value)}")
+    return out
 
 
 def _type_name(tp: Any) -> str:
@@ -348,14 +363,39 @@ def apply_overrides(data: dict | None, overrides: list[str] | None) -> dict:
 
 
 def load_config(
-    cls: type[T], yaml_path: str | os.PathLike | None, overrides: list[str] | None = None
+    cls: type[T], yaml_path: str | os.PathLike | None, overrides: list[str] | None = None,
+    base: dict | None = None,
 ) -> T:
     """Read ``yaml_path`` (or start from ``{}`` when it is ``None``), apply the
     ``key=value`` overrides, and build and validate ``cls``.
 
+    ``base``: a plain dict (e.g. a saved, resolved config) that the file's keys and then
+    the overrides are laid over; keys the file does not name keep ``base``'s value.
+
     A missing file, a YAML syntax error, or a top level that is not a mapping raises
     :class:`ConfigError` naming the file.
     """
+    data = read_yaml(yaml_path)
+    if base is not None:
+        data = merge_dicts(base, data)
+    return from_dict(cls, apply_overrides(data, overrides))
+
+
+def merge_dicts(base: dict, top: dict) -> dict:
+    """A copy of ``base`` with ``top`` laid over it: nested mappings are merged key by
+    key, any other value of ``top`` replaces ``base``'s."""
+    out = copy.deepcopy(base)
+    for k, v in top.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = merge_dicts(out[k], v)
+        else:
+            out[k] = copy.deepcopy(v)
+    return out
+
+
+def read_yaml(yaml_path: str | os.PathLike | None) -> dict:
+    """The mapping in a YAML config file (``{}`` for ``None`` or an empty file); a missing
+    file, a syntax error or a top level that is not a mapping raises :class:`ConfigError`."""
     data: Any = {}
     if yaml_path is not None:
         p = pathlib.Path(yaml_path)
@@ -375,7 +415,7 @@ def load_config(
             raise ConfigError(
                 f"{p}: top level must be a mapping, got {type(data).__name__}"
             )
-    return from_dict(cls, apply_overrides(data, overrides))
+    return data
 
 
 def _yaml_problem(e: yaml.YAMLError) -> str:
@@ -403,14 +443,17 @@ def to_dict(cfg: Any) -> Any:
     return cfg
 
 
-def save_config(cfg: Any, path: str | os.PathLike) -> pathlib.Path:
+def save_config(cfg: Any, path: str | os.PathLike, header: str = "") -> pathlib.Path:
     """Write ``to_dict(cfg)`` as YAML to ``path`` atomically (temp file + ``os.replace``).
 
-    Parent directories are created. Returns the path written.
+    ``header``: lines written first as YAML comments (``# ...``). Parent directories are
+    created. Returns the path written.
     """
     p = pathlib.Path(path)
     p.parent.mkdir(parents=True, exist_ok=True)
     text = yaml.safe_dump(to_dict(cfg), sort_keys=False, default_flow_style=False)
+    if header:
+        text = "".join(f"# {line}\n" for line in header.splitlines()) + text
     fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".tmp", dir=p.parent)
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
@@ -426,3 +469,45 @@ def save_config(cfg: Any, path: str | os.PathLike) -> pathlib.Path:
             pass
         raise
     return p
+
+
+# --------------------------------------------------------------------------- introspection
+
+
+def describe_keys(cls: type, path: str = "") -> list[dict[str, Any]]:
+    """Every leaf key of the dataclass tree ``cls``, in declaration order, as
+    ``{"key": dotted name, "type": annotation as text, "default": value, "help": text}``.
+
+    The help is the field's ``metadata["help"]`` (``""`` when it has none).
+    """
+    rows = []
+    hints = _type_hints(cls)
+    for f in dataclasses.fields(cls):
+        if not f.init:
+            continue
+        key = _join(path, f.name)
+        tp = hints.get(f.name, Any)
+        if dataclasses.is_dataclass(tp) and isinstance(tp, type):
+            rows.extend(describe_keys(tp, key))
+            continue
+        if f.default is not dataclasses.MISSING:
+            default = f.default
+        elif f.default_factory is not dataclasses.MISSING:
+            default = f.default_factory()
+        else:
+            default = "(required)"
+        rows.append({"key": key, "type": _type_name(tp).replace("NoneType", "None"),
+                     "default": to_dict(default), "help": f.metadata.get("help", "")})
+    return rows
+
+
+def config_diff(old: Any, new: Any, path: str = "") -> list[tuple[str, Any, Any]]:
+    """``(dotted key, old value, new value)`` for every leaf where two plain config dicts
+    (as :func:`to_dict` writes them) differ; a key present on one side only counts as a
+    difference against ``None``."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        out = []
+        for k in list(old) + [k for k in new if k not in old]:
+            out.extend(config_diff(old.get(k), new.get(k), _join(path, str(k))))
+        return out
+    return [] if old == new else [(path, old, new)]
