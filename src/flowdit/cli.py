@@ -197,6 +197,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         print(yaml.safe_dump(to_dict(cfg), sort_keys=False, default_flow_style=False), end="")
         return 0
     run_dir = Path(cfg.out_dir) / cfg.name
+    _device(args)  # an unavailable device is refused before the run directory is touched
     main_process = int(os.environ.get("RANK", "0")) == 0
     if main_process:
         _check_writable(run_dir, "out_dir")

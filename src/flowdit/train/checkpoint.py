@@ -51,6 +51,7 @@ __all__ = [
     "resolve_checkpoint",
     "save_checkpoint",
     "tensors_checksum",
+    "verify_checkpoint",
 ]
 
 FORMAT_VERSION = 1
@@ -462,6 +463,17 @@ def load_checkpoint(
         step=manifest["step"], tensors=tensors, trainer_state=state,
         meta=manifest["meta"], path=ckpt,
     )
+
+
+def verify_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
+    """Check one checkpoint directory without loading it: its manifest, then every listed
+    file's size and SHA-256. Returns the manifest; any problem raises
+    :class:`CheckpointError` naming the file."""
+    path = Path(path)
+    manifest = _read_manifest(path / MANIFEST)
+    for fname, entry in manifest["files"].items():
+        _check_file(path / fname, entry, True)
+    return manifest
 
 
 def _read_manifest(path: Path) -> dict[str, Any]:

@@ -51,6 +51,7 @@ from .checkpoint import (
     move_aside,
     nonfinite_tensors,
     save_checkpoint,
+    verify_checkpoint,
 )
 from .config import RESUME_FREE_KEYS, RunConfig
 from .objective import Objective
@@ -78,14 +79,14 @@ def finite_or_none(obj):
 
 def saved_run_config(run_dir: Path) -> Optional[dict]:
     """The config a resume of ``run_dir`` starts from, as a plain dict: the one recorded in
-    the manifest of its newest checkpoint that has a readable one, else its
-    ``config.yaml``; None for a directory without either."""
+    the manifest of its newest intact checkpoint, else its ``config.yaml``; None for a
+    directory without either."""
     for path in checkpoint_candidates(run_dir):
-        try:
-            meta = json.loads((path / "manifest.json").read_text()).get("meta", {})
-        except (OSError, ValueError, AttributeError):
+        try:  # the checkpoint a resume would continue is the newest intact one
+            meta = verify_checkpoint(path).get("meta", {})
+        except CheckpointError:
             continue
-        if isinstance(meta, dict) and isinstance(meta.get("config"), dict):
+        if isinstance(meta.get("config"), dict):
             return meta["config"]
     cfg_file = run_dir / "config.yaml"
     if cfg_file.is_file():
@@ -322,9 +323,9 @@ class Trainer:
         load_state_dict_strict(self.model, ckpt.tensors["ema"], "ema")
 
     def _choose_checkpoint(self):
-        """The newest checkpoint that loads and verifies. A damaged newer one stops the
-        resume, naming the one that would be used, unless ``resume_fallback``: then the
-        damaged ones are renamed ``corrupt-step_N`` (kept, never loaded or pruned)."""
+        """``(checkpoint, damaged)``: the newest checkpoint that loads and verifies, and the
+        newer ones that do not, as ``(path, error)``. Damaged newer ones stop the resume,
+        naming the one that would be used, unless ``resume_fallback``."""
         damaged = []
         for path in checkpoint_candidates(self.run_dir):
             try:
@@ -336,22 +337,13 @@ class Trainer:
                 first, err = damaged[0]
                 raise CheckpointError(f"{err} -- the newest intact checkpoint is {path.name}: pass --resume-fallback "
                                       f"to resume from it (the damaged one is kept as corrupt-{first.name})")
-            for bad, _ in damaged:
-                if self.dist.is_main:
-                    print(f"flowdit: {bad.name} is damaged; kept as {move_aside(bad).name}")
-            return ckpt
+            return ckpt, damaged
         if damaged:
             raise damaged[0][1]
-        return None
+        return None, []
 
     def _resume(self) -> None:
-        if self.dist.enabled:  # rank 0 may move damaged checkpoints aside; the others wait for that
-            ckpt = self._choose_checkpoint() if self.dist.is_main else None
-            D.barrier(self.dist)
-            if not self.dist.is_main:
-                ckpt = self._choose_checkpoint()
-        else:
-            ckpt = self._choose_checkpoint()
+        ckpt, damaged = self._choose_checkpoint()
         if ckpt is None:
             if self.dist.is_main:
                 print(f"flowdit: no checkpoint in {self.run_dir}; starting from step 0")
@@ -374,6 +366,12 @@ class Trainer:
         except (ValueError, KeyError, TypeError, RuntimeError) as e:
             raise CheckpointError(f"{path / 'trainer_state.pt'}: optimizer or RNG state does not fit this run "
                                   f"({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
+        # Only now that the resume is certain are damaged newer checkpoints renamed: kept for
+        # inspection, never loaded or pruned. Every process has chosen before rank 0 renames.
+        D.barrier(self.dist)
+        if self.dist.is_main:
+            for bad, _ in damaged:
+                print(f"flowdit: {bad.name} is damaged; kept as {move_aside(bad).name}")
         self.step = int(state["step"])
         self.nonfinite_steps = int(state.get("nonfinite_steps", 0))
         self.resumed_from = self.step

@@ -76,7 +76,8 @@ class DirLocked(FlowditError):
     """Another process holds the lock on a directory."""
 
 
-_HELD: dict[str, list] = {}  # real path of a locked directory -> [fd, holders in this process]
+# real path of a locked directory -> [fd, holders in this process, whether acquire created it]
+_HELD: dict[str, list] = {}
 
 
 def _lock_holder(fd: int) -> str:
@@ -103,7 +104,9 @@ class DirLock:
     contents are never written. A second process that asks for it gets
     :class:`DirLocked` at once (no waiting). Within one process the lock is counted: a
     nested ``acquire`` of the same directory succeeds and the lock is dropped by the last
-    ``release``. Usable as a context manager.
+    ``release``. A directory that ``acquire`` created and that holds nothing but the lock
+    file when the last hold is released (the work failed before writing) is removed
+    again. Usable as a context manager.
     """
 
     NAME = ".lock"
@@ -121,6 +124,7 @@ class DirLock:
             _HELD[key][1] += 1
             self._key = key
             return self
+        created = not self.directory.exists()
         self.directory.mkdir(parents=True, exist_ok=True)
         fd = os.open(self.directory / self.NAME, os.O_RDWR | os.O_CREAT, 0o644)
         if fcntl is not None:
@@ -136,7 +140,7 @@ class DirLock:
                     f"{self.directory}: {self.what} is in use by another flowdit process{by}; wait for it to "
                     "finish or choose another name"
                 ) from None
-        _HELD[key] = [fd, 1]
+        _HELD[key] = [fd, 1, created]
         self._key = key
         return self
 
@@ -148,6 +152,13 @@ class DirLock:
         entry[1] -= 1
         if entry[1] == 0:
             del _HELD[key]
+            if entry[2]:  # a directory made only to hold the lock (the work failed): leave no trace
+                try:
+                    if [p.name for p in self.directory.iterdir()] == [self.NAME]:
+                        (self.directory / self.NAME).unlink()
+                        self.directory.rmdir()
+                except OSError:
+                    pass
             if fcntl is not None:
                 fcntl.flock(entry[0], fcntl.LOCK_UN)
             os.close(entry[0])
