@@ -249,7 +249,10 @@ def cmd_sample(args: argparse.Namespace) -> int:
     if args.accel:  # a bad spec fails before the checkpoint is read
         from .accel import build_policy
 
-        accel = build_policy(args.accel)
+        try:
+            accel = build_policy(args.accel)
+        except ConfigError as e:
+            raise ConfigError(f"--accel {args.accel!r}: {e}") from None
     torch.manual_seed(args.seed)
     model, meta = load_run_model(args.ckpt, use_ema=not args.no_ema)
     model.to(device)

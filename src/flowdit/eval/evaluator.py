@@ -2,8 +2,10 @@
 
 Shipped weights live in ``flowdit/eval/weights/<dataset>_<kind>.safetensors``, listed in
 ``weights/manifest.json`` with their SHA-256, architecture, seed, test accuracy and the
-command that regenerates them (``flowdit evaluator train --dataset <dataset>``). Loading
-verifies the checksum, so a corrupted or hand-edited file is refused.
+command that regenerates them (``flowdit evaluator train --dataset <dataset>``, which
+writes to ``./evaluators`` unless given ``--out-dir`` or, to replace the shipped files,
+``--replace-shipped``). Loading verifies the checksum, so a corrupted or hand-edited file
+is refused.
 """
 
 from __future__ import annotations
@@ -147,9 +149,10 @@ def load_classifier(dataset: str, kind: str = "evaluator", weights_dir: Path = W
     manifest record. The file's SHA-256 must match the manifest."""
     entry = read_manifest(weights_dir).get(f"{dataset}/{kind}")
     if entry is None:
+        where = "--replace-shipped" if Path(weights_dir) == WEIGHTS_DIR else f"--out-dir {weights_dir}"
         raise DataError(
             f"no {kind} network for dataset {dataset!r} in {weights_dir}; "
-            f"train one with: flowdit evaluator train --dataset {dataset}"
+            f"train one with: flowdit evaluator train --dataset {dataset} {where}"
         )
     path = weights_dir / entry["file"]
     if not path.is_file():
