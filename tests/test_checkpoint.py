@@ -4,17 +4,22 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 
 import pytest
 import torch
 
 from flowdit.errors import CheckpointError
 from flowdit.train.checkpoint import (
+    checkpoint_candidates,
     latest_checkpoint,
     load_checkpoint,
     load_state_dict_strict,
+    move_aside,
+    nonfinite_tensors,
     save_checkpoint,
     tensors_checksum,
+    verify_checkpoint,
 )
 
 
@@ -273,3 +278,37 @@ def test_tensors_checksum_is_the_files_sha256_and_follows_the_weights(tmp_path):
     assert tensors_checksum(tmp_path, "model") != digest
     with pytest.raises(CheckpointError, match="no ema.safetensors listed"):
         tensors_checksum(first)
+
+
+def test_manifest_with_an_unknown_key_or_another_version_is_refused(tmp_path):
+    path = save_simple(tmp_path, 1)
+    good = (path / "manifest.json").read_text()
+    for change, message in ((dict(extra=1), "unknown manifest key 'extra'"),
+                            (dict(format_version=0), "format version 0 is not the one this flowdit reads (1)"),
+                            (dict(format_version=2), "format version 2 is newer than the one this flowdit reads"),
+                            (dict(format_version=True), "format version True is not the one")):
+        (path / "manifest.json").write_text(json.dumps(dict(json.loads(good), **change)))
+        with pytest.raises(CheckpointError, match=re.escape(message)):
+            load_checkpoint(path)
+    (path / "manifest.json").write_text(good)
+    assert verify_checkpoint(path)["step"] == 1
+
+
+def test_non_finite_weights_are_never_saved(tmp_path):
+    for bad in (float("nan"), float("inf")):
+        with pytest.raises(CheckpointError, match=r"step 3: refusing to save non-finite weights \(1 tensors hold "
+                                                  r"NaN or inf, first ema/b\)"):
+            save_checkpoint(tmp_path, 3, {"model": {"a": torch.ones(2)}, "ema": {"b": torch.tensor([1.0, bad])}})
+    assert not (tmp_path / "checkpoints" / "step_0000003").exists()
+    assert nonfinite_tensors({"g": {"i": torch.arange(3), "f": torch.zeros(2)}}) == []
+
+
+def test_move_aside_keeps_a_damaged_checkpoint_out_of_every_scan(tmp_path):
+    save_simple(tmp_path, 1)
+    p2 = save_simple(tmp_path, 2)
+    kept = move_aside(p2)
+    assert kept.name == "corrupt-step_0000002" and (kept / "manifest.json").is_file()
+    assert latest_checkpoint(tmp_path).name == "step_0000001"
+    assert [p.name for p in checkpoint_candidates(tmp_path)] == ["step_0000001"]
+    save_simple(tmp_path, 3)  # pruning (keep 3) and crash clean-up leave it alone
+    assert kept.is_dir()

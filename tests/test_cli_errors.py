@@ -47,6 +47,7 @@ def env(tmp_path_factory):
     """One tiny trained run (2 steps, a checkpoint per step, final samples), damaged copies
     of it, and bad input files; built once for the module."""
     root = tmp_path_factory.mktemp("cli")
+    saved_cache = os.environ.get("FLOWDIT_CACHE")
     os.environ["FLOWDIT_CACHE"] = str(root / "cache")
     runs = root / "runs"
     assert main(["train", "--no-progress", *TINY, f"out_dir={runs}", "name=run", "train.steps=2",
@@ -95,8 +96,12 @@ def env(tmp_path_factory):
         labels = z["arr_1"].copy()
         labels[3] = value
         np.savez(files / f"{name}.npz", arr_0=z["arr_0"], arr_1=labels)
-    return {"root": root, "runs": runs, "run": run, "files": files, "npz": run / "samples.npz",
-            "afile": files / "afile", "out": root / "out"}
+    yield {"root": root, "runs": runs, "run": run, "files": files, "npz": run / "samples.npz",
+           "afile": files / "afile", "out": root / "out"}
+    if saved_cache is None:
+        os.environ.pop("FLOWDIT_CACHE", None)
+    else:
+        os.environ["FLOWDIT_CACHE"] = saved_cache
 
 
 T = ["train", "--no-progress", "--no-outputs"]

@@ -11,6 +11,8 @@ import pytest
 from flowdit.errors import ConfigError
 from flowdit.utils.config import (
     apply_overrides,
+    config_diff,
+    describe_keys,
     from_dict,
     load_config,
     parse_override,
@@ -228,3 +230,49 @@ def test_round_trip(tmp_path):
     again = load_config(RootCfg, out, [])
     assert again == cfg
     assert dataclasses.asdict(again) == dataclasses.asdict(cfg)
+
+
+@pytest.mark.parametrize("raw", ["nan", "inf", "-inf", ".nan", "1e999"])
+def test_float_keys_refuse_non_finite_values(raw):
+    with pytest.raises(ConfigError) as e:
+        load_config(RootCfg, None, [f"train.optim.lr={raw}"])
+    assert str(e.value).startswith("train.optim.lr: expected a finite number, got ")
+
+
+def test_base_config_is_completed_by_file_keys_then_overrides(tmp_path):
+    base = to_dict(load_config(RootCfg, None, ["seed=5", "train.steps=7", "model.depth=2"]))
+    cfg = load_config(RootCfg, write(tmp_path, "train:\n  steps: 9\n"), ["model.depth=3"], base=base)
+    assert (cfg.seed, cfg.train.steps, cfg.model.depth) == (5, 9, 3)
+    assert config_diff(base, to_dict(cfg)) == [("model.depth", 2, 3), ("train.steps", 7, 9)]
+    assert config_diff({"a": 1}, {"a": 1, "b": {"c": 2}}) == [("b", None, {"c": 2})]
+
+
+def test_describe_keys_lists_every_leaf_with_type_default_and_help():
+    from flowdit.train.config import RunConfig
+
+    rows = describe_keys(RootCfg)
+    assert [r["key"] for r in rows][:3] == ["model.name", "model.depth", "model.patch"]
+    assert {"key": "train.grad_clip", "type": "Optional[float]", "default": None, "help": ""} in rows
+    assert {"key": "model.channels", "type": "tuple[int, ...]", "default": [32, 64], "help": ""} in rows
+    run_rows = describe_keys(RunConfig)
+    assert all(r["help"] for r in run_rows)  # every key of a training run says what it does
+    assert len(run_rows) == len({r["key"] for r in run_rows})
+
+
+def test_run_config_is_validated_as_a_whole_with_the_users_key_names():
+    from flowdit.train.config import RunConfig
+
+    cases = {
+        "train.keep_ckpts=0": "train.keep_ckpts must be positive, got 0",
+        "optim.betas=[0.9,1.0]": "optim.betas[1] must be in [0, 1), got 1.0",
+        "optim.grad_clip=-1": "optim.grad_clip must be >= 0, got -1.0",
+        "train.seed=-3": "train.seed must be in 0..2**63-1, got -3",
+        "sample.solver=rk4": "sample.solver: unknown solver 'rk4'; valid: euler, heun,",
+        "sample.cfg=-0.5": "sample.cfg must be >= 0 (1: no guidance), got -0.5",
+        "data.channels=2": "data.channels must be 1 or 3, got 2",
+        "name=a/b": "name must be a plain directory name (no '/'), got 'a/b'",
+    }
+    for override, message in cases.items():
+        with pytest.raises(ConfigError) as e:
+            load_config(RunConfig, None, [override])
+        assert str(e.value).startswith(message), (override, str(e.value))

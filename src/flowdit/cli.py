@@ -39,7 +39,8 @@ class _Parser(argparse.ArgumentParser):
         super().__init__(*args, **kwargs)
 
     def error(self, message: str):
-        self.exit(2, f"{self.prog}: error: {message} ({self.prog} --help lists the options)\n")
+        # The same prefix as every other error, so that scripts match one pattern.
+        self.exit(2, f"flowdit: error: {message} (see {self.prog} --help)\n")
 
 
 # Option types: a bad value is refused by argparse with the flag's name, before any work.
@@ -407,7 +408,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     out = Path(args.out) if args.out else npz.with_suffix(".eval.json")
     _check_writable(out, "--out")
     if args.inception_weights and not Path(args.inception_weights).is_file():
-        raise DataError(f"--inception-weights {args.inception_weights}: no such file")
+        raise DataError(f"--inception-weights: Inception weights not found at {args.inception_weights}")
     images, labels = load_npz(npz)
     result = evaluate_samples(images, labels, args.dataset, root=root, seed=args.seed,
                               weights_dir=Path(args.weights_dir) if args.weights_dir else None, source=str(npz))

@@ -260,9 +260,12 @@ class Trainer:
 
     def close(self) -> None:
         """Release this trainer's hold on the run directory's lock (idempotent)."""
-        if self._lock is not None:
+        if getattr(self, "_lock", None) is not None:
             self._lock.release()
             self._lock = None
+
+    def __del__(self):
+        self.close()
 
     # -- state ------------------------------------------------------------------------
 
