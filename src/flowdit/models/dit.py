@@ -83,6 +83,32 @@ class DiTBlock(nn.Module):
         x = x + gate_mlp.unsqueeze(1) * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
         return x
 
+    def forward_branches(
+        self,
+        x: torch.Tensor,
+        c_act: torch.Tensor,
+        ctx: Any = None,
+        attn_out: Optional[torch.Tensor] = None,
+        mlp_out: Optional[torch.Tensor] = None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The block with its two branch outputs exposed *before* their adaLN gates.
+
+        ``x [B, N, D] -> (x_out, a, m)`` with ``x_out = x + g_a a`` followed by
+        ``x_out += g_m m``, where ``a = Attn(modulate(LN(x)))`` and ``m = MLP(modulate(LN(.)))``
+        are ``[B, N, D]``. A given ``attn_out`` / ``mlp_out`` replaces that branch (it is
+        not computed), while the gates always come from the current ``c_act``: this is
+        how the feature caches of FORA and TaylorSeer reuse a block (their public code
+        caches ``a`` and ``m`` and multiplies them by the current call's gates).
+        """
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.modulation(c_act)
+        if attn_out is None:
+            attn_out = self.attn(modulate(self.norm1(x), shift_msa, scale_msa), ctx)
+        x = x + gate_msa.unsqueeze(1) * attn_out
+        if mlp_out is None:
+            mlp_out = self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
+        x = x + gate_mlp.unsqueeze(1) * mlp_out
+        return x, attn_out, mlp_out
+
 
 class FinalLayer(nn.Module):
     """adaLN-modulated LayerNorm and a linear map from tokens to ``p * p * C`` pixels."""
