@@ -168,6 +168,10 @@ class _StepBlock(nn.Module):
         m = torch.zeros_like(a) if self.cm is None else sum(c * s**i for i, c in enumerate(self.cm))
         return a, m
 
+    def gates(self, c_act):
+        g = torch.ones(1, 4) if c_act is None else c_act
+        return g, 2 * g
+
     def forward_branches(self, x, c_act, ctx, attn_out=None, mlp_out=None):
         a, m = self.branches_at(ctx.step)
         a = a if attn_out is None else attn_out
@@ -363,7 +367,7 @@ def test_state_kept_apart_between_cfg_branches(model):
     # the reference, and each branch keeps its own forecaster.
     ts = build_policy("taylorseer:interval=2,order=1,cfg=split")
     run(model, ts)
-    fc = ts._states["cond"]["forecasters"][0], ts._states["uncond"]["forecasters"][0]
+    fc = ts._states["cond"]["forecaster"], ts._states["uncond"]["forecaster"]
     assert fc[0] is not fc[1] and not torch.equal(fc[0].factors[0], fc[1].factors[0])
 
 

@@ -39,6 +39,10 @@ Y = torch.tensor([0, 1, 2, 1])
 STEPS, CFG = 20, 2.0
 
 
+def rel_err(a, b):
+    return float((a - b).norm() / b.norm())
+
+
 def flowdit_samples(model, spec, noise):
     ctx = StepContext(block_policy=build_policy(spec))
     fn = cfg_velocity(model, Y, model.null_class, CFG, ctx=ctx)
@@ -139,10 +143,11 @@ def test_taylorseer_matches_reference_code(model, interval, order, warmup):
     noise = torch.randn(len(Y), 1, 8, 8, generator=torch.Generator().manual_seed(1))
     want = taylorseer_reference(model, noise, interval, order, warmup)
     got = flowdit_samples(model, f"taylorseer:interval={interval},order={order},warmup={warmup}", noise)
-    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    # flowdit accumulates the gated branches with fused multiply-adds: rounding-level
+    # differences, which a third-order forecast amplifies to ~1e-6 of the samples' norm
+    assert rel_err(got, want) < 1e-5
     # the reference differs from plain sampling, so the comparison has teeth
-    plain = flowdit_samples(model, "none", noise)
-    assert (want - plain).abs().max() > 1e-3
+    assert rel_err(flowdit_samples(model, "none", noise), want) > 1e-2
 
 
 def test_taylorseer_defaults_are_the_dit_codes():
@@ -157,7 +162,7 @@ def test_taylorseer_stack_form_differs_from_reference(model):
     noise = torch.randn(len(Y), 1, 8, 8, generator=torch.Generator().manual_seed(2))
     blocks = flowdit_samples(model, "taylorseer:interval=4,order=1", noise)
     stack = flowdit_samples(model, "taylorseer:interval=4,order=1,cache=stack", noise)
-    assert (blocks - stack).norm() / blocks.norm() > 1e-3
+    assert rel_err(stack, blocks) > 1e-2
 
 
 # -- FORA (prathebaselva/FORA) ---------------------------------------------------------
@@ -189,10 +194,10 @@ def test_fora_matches_reference_code(model, interval):
     ctx = StepContext(block_policy=policy)
     fn = cfg_velocity(model, Y, model.null_class, CFG, ctx=ctx)
     got = sample(fn, noise, solver="euler", steps=STEPS, step_context=ctx).x
-    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    assert rel_err(got, want) < 1e-5
     expected_full = sum(1 for r in range(STEPS) if r == STEPS - 1 or r % interval == 0)  # reverse indices
     assert policy.stats.full_calls == expected_full
-    assert (want - flowdit_samples(model, "none", noise)).abs().max() > 1e-3
+    assert rel_err(flowdit_samples(model, "none", noise), want) > 1e-2
 
 
 def test_fora_schedule_is_the_reference_count_down():

@@ -32,6 +32,8 @@ Options of flowdit's own (not the reference's defaults):
 
 from __future__ import annotations
 
+import torch
+
 from flowdit.errors import ConfigError
 
 from .base import CACHE_TARGETS, BlockPolicyBase, _choice, _flag, _positive_int, step_of
@@ -76,22 +78,26 @@ class TaylorSeer(BlockPolicyBase):
 
     def decide_and_run(self, model, tokens, c_act, ctx, st):
         s = step_of(ctx)
-        fcs = st.get("forecasters")
-        if fcs is None or s < self.warmup or s - st["last_full"] >= self.interval:
+        fc = st.get("forecaster")
+        if fc is None or s < self.warmup or s - st["last_full"] >= self.interval:
             self.stats.full_calls += 1
             if self.cache == "stack":
                 out = self.run_blocks(model, tokens, c_act, ctx)
-                features = [out - tokens]
+                feature = out - tokens
             else:
                 out, branches = self.run_blocks_branches(model, tokens, c_act, ctx)
-                features = [f for pair in branches for f in pair]
-            if fcs is None or self._restarts(s):
-                fcs = st["forecasters"] = [build_forecaster(self.form, self.order) for _ in features]
-            for fc, f in zip(fcs, features):
-                fc.update(s, f)
+                # One stacked tensor [2 x depth, B, N, D] (a_0, m_0, a_1, ...): every branch
+                # gets the same per-feature update, so one forecaster serves all of them
+                # with a few large element-wise ops per call. Differences are taken in fp32
+                # because under bf16 autocast the branch outputs are bf16, whose 8-bit
+                # mantissa would swamp the small changes between calls.
+                feature = torch.stack([f for pair in branches for f in pair]).float()
+            if fc is None or self._restarts(s):
+                fc = st["forecaster"] = build_forecaster(self.form, self.order)
+            fc.update(s, feature)
             st["last_full"] = s
             return out
         if self.cache == "stack":
-            return tokens + fcs[0].predict(s)
-        predicted = [fc.predict(s) for fc in fcs]
+            return tokens + fc.predict(s)
+        predicted = fc.predict(s).unbind(0)
         return self.replay_blocks(model, tokens, c_act, ctx, list(zip(predicted[0::2], predicted[1::2])))

@@ -83,6 +83,11 @@ class DiTBlock(nn.Module):
         x = x + gate_mlp.unsqueeze(1) * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
         return x
 
+    def gates(self, c_act: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The attention and MLP gates ``(gate_msa, gate_mlp)``, each ``[B, D]``, from ``SiLU(c)``."""
+        mod = self.modulation(c_act)
+        return mod[2], mod[5]
+
     def forward_branches(
         self,
         x: torch.Tensor,
