@@ -3,8 +3,9 @@ Models with Transformers", ICCV 2023), predicting the rectified-flow velocity.
 
 ``DiT(x_t, t, y) -> v_hat``: ``x_t [B, C, H, W]``, ``t [B]`` in ``[0, 1]`` (t = 0 data),
 ``y [B]`` class indices (``num_classes`` is the null class). Parameter names match the
-public DiT / SiT checkpoints; the learned-sigma channels of those checkpoints are not
-part of this model (``out_channels == in_channels``) and are dropped at import time.
+public DiT / SiT checkpoints, but flowdit has no importer for them yet: their learned-sigma
+channels are not part of this model (``out_channels == in_channels``), and their time and
+target conventions differ (docs/conventions.md).
 """
 
 from __future__ import annotations
@@ -201,8 +202,8 @@ class DiT(nn.Module):
         return tokens, F.silu(c)
 
     def run_blocks(self, tokens: torch.Tensor, c_act: torch.Tensor, ctx: Any = None) -> torch.Tensor:
-        """Run the block stack. A block policy carried by ``ctx`` (see DESIGN.md) may take
-        over this loop; without one every block runs in order."""
+        """Run the block stack. A block policy carried by ``ctx`` (docs/conventions.md,
+        "Extension points") may take over this loop; without one every block runs in order."""
         policy = getattr(ctx, "block_policy", None)
         if policy is not None:
             return policy.run(self, tokens, c_act, ctx)
