@@ -37,7 +37,8 @@ to every token: the keys and values of the cached tokens come from a per-layer c
 each full call fills and each RAS call updates at the recomputed tokens. The output of a
 cached patch keeps its previous value (``after_output``). The reference replaces the cached
 patches in the guided velocity; replacing them in each CFG row instead gives the same
-guided velocity, since ``v_u + s (v_c - v_u)`` is computed elementwise from the kept rows.
+guided velocity, since ``v_u + s (v_c - v_u)`` is computed elementwise from the kept rows
+(the scale is fixed within a sampling call).
 
 The selection needs the velocity of the previous call, which the sampling loop
 (``flowdit.sampling.sample``) hands to ``after_velocity``; a model driven without it runs
