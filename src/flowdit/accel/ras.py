@@ -257,7 +257,8 @@ class RAS(BlockPolicyBase):
         s = step_of(ctx)
         R, N, D = tokens.shape
         depth = len(model.blocks)
-        if self._patch is None:
+        n = getattr(ctx, "num_steps", None)
+        if self._patch is None and (n is None or any(self.is_ras_call(k, n) for k in range(n))):
             self._check_channels(model.out_channels)  # fail on the first call, not after the warm-up
         self._patch = model.patch_size
         self._current = st
