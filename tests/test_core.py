@@ -192,6 +192,11 @@ def test_shift_time_properties():
         assert (u.diff() > 0).all()
         torch.testing.assert_close(shift_time(u, 1 / s), t)  # inverse
     assert (shift_time(t, 3.0)[1:-1] > t[1:-1]).all()  # shift > 1 moves toward noise
+    # Pinned values of SD3's t' = s t / (1 + (s - 1) t) (Esser et al. 2024, eq. 23): another
+    # monotone map with the same endpoints and inverse (t ** (1 / s), say) fails here.
+    got = shift_time(torch.tensor([0.25, 0.5, 0.9], dtype=torch.float64), 3.0)
+    torch.testing.assert_close(got, torch.tensor([0.5, 0.75, 27 / 28], dtype=torch.float64), rtol=0, atol=1e-15)
+    assert shift_time(0.5, 0.3) == pytest.approx(0.15 / 0.65, abs=1e-15)
     with pytest.raises(ConfigError, match="shift=0"):
         shift_time(t, 0)
 

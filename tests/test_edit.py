@@ -14,6 +14,9 @@ from flowdit.edit import (
     KeyedSolver,
     Inpaint,
     SuperResolution,
+    VFeatureProcessor,
+    default_edit_blocks,
+    edit_blocks,
     TASKS,
     build_operator,
     classifier_guided_sample,
@@ -35,7 +38,7 @@ from flowdit.edit import (
     sampling_grid,
 )
 from flowdit.errors import ConfigError
-from flowdit.models.attention import SDPAProcessor
+from flowdit.models.attention import SDPAProcessor, merge_heads, qkv_heads
 from flowdit.models.registry import build_model
 from flowdit.sampling import sample
 
@@ -139,11 +142,63 @@ def test_rf_edit_with_no_injection_is_plain_regeneration(tiny, batch):
     assert all(isinstance(a.processor, SDPAProcessor) for a in tiny.attention_modules())
 
 
-def test_rf_edit_injection_changes_the_result(tiny, batch):
+def test_rf_edit_injects_the_recorded_values_in_the_chosen_blocks_only(tiny, batch):
+    # The reference (wangjiangshan0725/RF-Solver-Edit, FLUX_Image_Edit/src/flux/sampling.py,
+    # denoise; modules/layers.py, SingleStreamBlock.forward) keys a value tensor by the
+    # step's upper time, first / second (midpoint) evaluation and block; inversion records
+    # in its last k steps, regeneration replaces V in its first k. Restated here: the j-th
+    # regeneration step's e-th evaluation reads the V of inversion step N-1-j, evaluation e.
     x, ys, yt = batch
-    plain = rf_edit(tiny, x, ys, yt, inject_steps=0, steps=4).images
-    edited = rf_edit(tiny, x, ys, yt, inject_steps=2, steps=4, blocks=[0, 1]).images
-    assert (edited - plain).abs().max() > 1e-4
+    steps, k = 4, 2
+    chosen = edit_blocks(tiny)
+    assert chosen == [1]  # the second half of DiT-tiny's two blocks
+    calls = {b: [] for b in range(len(tiny.attention_modules()))}
+
+    def hook(b):
+        return lambda mod, args, out: calls[b].append((args[0].detach().clone(), out.detach().clone()))
+
+    handles = [a.register_forward_hook(hook(b)) for b, a in enumerate(tiny.attention_modules())]
+    try:
+        rf_edit(tiny, x, ys, yt, inject_steps=k, solver="rf2", steps=steps)
+    finally:
+        for h in handles:
+            h.remove()
+    n_inv = 2 * steps  # rf2: two evaluations per step, one attention call per block each
+    injected = 0
+    for b, seq in calls.items():
+        attn = tiny.attention_modules()[b]
+        assert len(seq) == 2 * n_inv
+        for c, (inp, out) in enumerate(seq):
+            q, kk, v = qkv_heads(attn, inp)
+            if b in chosen and c >= n_inv and (c - n_inv) // 2 < k:
+                j, e = divmod(c - n_inv, 2)
+                src_inp = seq[2 * (steps - 1 - j) + e][0]
+                v_src = qkv_heads(attn, src_inp)[2]
+                assert (v_src - v).abs().max() > 1e-3  # the source's V is not the edit's own
+                v = v_src
+                injected += 1
+            expected = attn.proj(merge_heads(torch.nn.functional.scaled_dot_product_attention(q, kk, v)))
+            torch.testing.assert_close(out, expected, msg=f"block {b}, call {c}")
+    assert injected == 2 * k
+
+
+def test_rf_edit_block_option(tiny):
+    assert default_edit_blocks(2) == [1] and default_edit_blocks(57) == list(range(28, 57))
+    assert edit_blocks(tiny, range(2)) == [0, 1] and edit_blocks(tiny, [1, 0, 1]) == [0, 1]
+    with feature_sharing(tiny, blocks=[0]):
+        assert [isinstance(a.processor, VFeatureProcessor) for a in tiny.attention_modules()] == [True, False]
+    with pytest.raises(ConfigError, match="empty"):
+        edit_blocks(tiny, [])
+
+    class ReferenceStructured(torch.nn.Module):
+        # A model with the reference's structure names its block set itself.
+        def attention_modules(self):
+            return tiny.attention_modules()
+
+        def rf_edit_blocks(self):
+            return [0]
+
+    assert edit_blocks(ReferenceStructured()) == [0]
 
 
 @pytest.mark.parametrize("solver", ["rf2", "fireflow", "euler"])
@@ -275,12 +330,64 @@ def test_flowchef_unit_step_lands_on_the_measurements(task):
     x = _img()
     y = op(x)
     v = lambda xx, tt: 0.3 * xx  # noqa: E731
-    out = restore(v, torch.randn(2, 1, 8, 8, generator=torch.Generator().manual_seed(2)), op, y, "flowchef", 6).x
+    noise = torch.randn(2, 1, 8, 8, generator=torch.Generator().manual_seed(2))
+    # flowdit's variant steers the last step too: the output itself is projected onto A x = y.
+    out = restore(v, noise, op, y, "flowchef", 6, guide_last_step=True).x
     torch.testing.assert_close(op(out), y)
+    # The reference's last step is plain Euler: steered steps down to t = 1/6, then x - t v.
+    ref = restore(v, noise, op, y, "flowchef", 6).x
+    grid = sampling_grid(6)
+    before = sample(v, noise, FlowChefSolver(op, y), schedule=grid[:-1]).x
+    torch.testing.assert_close(ref, before - float(grid[-2]) * v(before, None))
+    assert (op(ref) - y).abs().max() > 1e-4
     base = restore(v, torch.randn(2, 1, 8, 8), op, y, "baseline", 6).x
     torch.testing.assert_close(op(base), y)
     free = restore(v, torch.randn(2, 1, 8, 8), op, y, "unguided", 6).x
     assert (op(free) - y).abs().max() > 1e-2
+
+
+def _flowchef_reference(model_fn, z, grid, A, y, mask, gradient_scale):
+    # FlowChef/FlowChef, inverseproblems/pixel_models/rfpp/generate_inverseproblems_flowchef.py,
+    # sample_ode_generative (Euler branch, not `likebaseline`), restated line by line.
+    N = len(grid) - 1
+    for i in range(N):
+        t, dt = float(grid[i]), float(grid[i + 1] - grid[i])
+        with torch.no_grad():
+            vt = model_fn(z, torch.full((z.shape[0],), t))
+        if i < N - 1:
+            with torch.enable_grad():
+                z = z.detach().requires_grad_()
+                z_h = z - t * vt
+                loss = torch.mean(torch.nn.functional.mse_loss(A(z_h), y, reduction="none") * mask)
+                grads = torch.autograd.grad(loss, z)[0]
+                z = z.detach() - gradient_scale * grads
+        z = z.detach().clone() + vt * dt
+    return z
+
+
+@pytest.mark.parametrize("task", ["inpaint_random", "sr2", "deblur"])
+def test_flowchef_matches_the_reference_loop(tiny, batch, task):
+    x, ys, _ = batch
+    op = build_operator(task, (1, 8, 8), batch=3, seed=2)
+    y = op(x)
+    # The reference multiplies the squared residual by its operator's mask (ones for SR / blur).
+    mask = op.mask.expand_as(y) if isinstance(op, Inpaint) else torch.ones_like(y)
+    noise = torch.randn(3, 1, 8, 8, generator=torch.Generator().manual_seed(4))
+    fn = model_velocity(tiny, ys)
+    grid = sampling_grid(5)
+    gs = 40.0
+    ref = _flowchef_reference(fn, noise, grid, op.forward, y, mask, gs)
+    with torch.no_grad():
+        ours = sample(fn, noise, FlowChefSolver.from_gradient_scale(op, y, gs), schedule=grid).x
+        # The same update through restore(), with step_size = 2 gradient_scale ||A||^2 / numel(y).
+        via = restore(fn, noise, op, y, "flowchef", 5, step_size=2 * gs * op.norm_sq / y.numel()).x
+    torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(via, ours, rtol=1e-6, atol=1e-6)
+    # Steering the last step (flowdit's variant) changes the output: the option is not a no-op.
+    with torch.no_grad():
+        last = sample(fn, noise, FlowChefSolver.from_gradient_scale(op, y, gs, guide_last_step=True),
+                      schedule=grid).x
+    assert (last - ref).abs().max() > 1e-3
 
 
 def test_flowchef_and_baseline_bad_input():
@@ -405,16 +512,3 @@ def test_cli_bad_input_is_one_line(run_dir, capsys):
         assert main(argv) == 2, argv
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and err[0].startswith("flowdit: error:"), err
-
-
-def test_fireflow_is_second_order_on_a_nonlinear_field():
-    # dx/dt = -(1 + t) x^2 (tests/test_sampling.py): x(0) = 1 / (1/x(1) - 3/2).
-    x1 = torch.linspace(0.1, 0.3, 5, dtype=torch.float64).reshape(-1, 1)
-    exact = 1 / (1 / x1 - 1.5)
-
-    def v(x, t):
-        return -(1 + t.reshape(-1, 1)) * x**2
-
-    steps = [8, 16, 32, 64]
-    errors = [(sample(v, x1, solver="fireflow", steps=n).x - exact).abs().max().item() for n in steps]
-    assert abs(fitted_order(errors, steps) - 2) < 0.25, errors

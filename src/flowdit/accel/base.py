@@ -142,6 +142,37 @@ class BlockPolicyBase:
         self.stats.flops += depth * tokens.shape[0] * block_flops(model, tokens.shape[1])
         return tokens, kept
 
+    def run_blocks_branches(self, model: Any, tokens: torch.Tensor, c_act: torch.Tensor,
+                            ctx: Any) -> tuple[torch.Tensor, list[tuple[torch.Tensor, torch.Tensor]]]:
+        """Run every block on all tokens and return, with the output, each block's attention
+        and MLP outputs *before* their adaLN gates: ``[(a_0, m_0), ..., (a_{L-1}, m_{L-1})]``,
+        each ``[B, N, D]`` (see ``DiTBlock.forward_branches``)."""
+        branches = []
+        for block in model.blocks:
+            tokens, a, m = block.forward_branches(tokens, c_act, ctx)
+            branches.append((a, m))
+        depth = len(model.blocks)
+        self.stats.block_evals += 1.0
+        self.stats.flops += depth * tokens.shape[0] * block_flops(model, tokens.shape[1])
+        return tokens, branches
+
+    def replay_blocks(self, model: Any, tokens: torch.Tensor, c_act: torch.Tensor, ctx: Any,
+                      branches: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+        """A cached call of the whole stack: block ``i`` adds the supplied pre-gate outputs
+        ``(a_i, m_i)`` multiplied by the *current* call's gates, ``x += g_a(c) a_i`` then
+        ``x += g_m(c) m_i``. Only the modulation vectors are computed (``12 D^2`` FLOPs a
+        block and row), so no block evaluation is counted."""
+        # Only the stack's output is read on a cached call, so the gated sums can be
+        # accumulated in place into one fp32 copy of the residual stream (two fused
+        # multiply-adds a block instead of four element-wise passes with temporaries).
+        out = tokens.float().clone()
+        for block, (a, m) in zip(model.blocks, branches):
+            g_a, g_m = block.gates(c_act)
+            out.addcmul_(g_a.unsqueeze(1), a).addcmul_(g_m.unsqueeze(1), m)
+        d = model.config.hidden_size
+        self.stats.flops += 12.0 * d * d * len(model.blocks) * tokens.shape[0]
+        return out.to(tokens.dtype)
+
     def run(self, model: Any, tokens: torch.Tensor, c_act: torch.Tensor, ctx: Any) -> torch.Tensor:
         """Run the block stack for one model call: ``tokens [B, N, D] -> [B, N, D]``."""
         self.stats.calls += 1
@@ -200,3 +231,13 @@ def _flag(policy: str, key: str, value: Any) -> bool:
 def step_of(ctx: Any) -> int:
     """The model-call index of ``ctx`` (0 without a context)."""
     return int(getattr(ctx, "step", 0) or 0)
+
+
+def _choice(policy: str, key: str, value: Any, choices: tuple[str, ...]) -> str:
+    """A parameter that takes one of a few words."""
+    if not isinstance(value, str) or value.strip().lower() not in choices:
+        raise ConfigError(f"{policy}: {key} must be one of {', '.join(choices)}, got {value!r}")
+    return value.strip().lower()
+
+
+CACHE_TARGETS = ("blocks", "stack")

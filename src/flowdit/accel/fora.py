@@ -1,41 +1,79 @@
-"""FORA: reuse the residual of the whole block stack between full calls.
+"""FORA: reuse every block's attention and MLP outputs between full calls.
 
 Selvaraju et al. 2024, "FORA: Fast-Forward Caching in Diffusion Transformer
-Acceleration" (arXiv 2407.01425), cache the attention and MLP outputs of every layer at
-one step and reuse them for the next ``N - 1`` steps (their "static caching" with
-interval N). In a residual stack, reusing every branch output is the same as adding the
-cached stack residual ``out - in`` to the current input tokens, which is what is stored
-here (one ``[B, N, D]`` tensor instead of ``2 x depth``); the adaLN gates are part of the
-cached residual, as in FORA.
+Acceleration" (arXiv 2407.01425), "static caching" with interval N. The authors' code
+(prathebaselva/FORA, ``src/models.py``, ``DiTBlock.forward``, ``boost_infer_static``)
+stores, on a full call, each block's attention output and MLP output *before* the adaLN
+gate, and on a cached call adds them back multiplied by the *current* call's gates
+(``x + gate_msa * attn_cached``, then ``x + gate_mlp * mlp_cached``); shift and scale sit
+inside the skipped branches, and the final layer always runs. A call is full when its
+reverse step index ``i`` (counting down from ``numstep - 1`` to 0) satisfies
+``i == numstep - 1 or i % N == 0``: the first call, then every N-th counted from the
+*last* call, which is therefore always full.
+
+``cache="stack"`` is flowdit's cheaper variant: one ``[B, N, D]`` tensor, the residual
+``out - in`` of the whole stack, is stored and added to the current input tokens. It
+freezes the gates of the last full call, which the per-block form does not (DiT's gates
+depend on ``t``). ``schedule="start"`` counts the interval from the first call instead.
 """
 
 from __future__ import annotations
 
-from .base import BlockPolicyBase, _positive_int, step_of
+from .base import CACHE_TARGETS, BlockPolicyBase, _choice, _positive_int, step_of
+
+SCHEDULES = ("fora", "start")
+
+
+def fora_full_call(step: int, num_calls: int | None, interval: int, schedule: str = "fora") -> bool:
+    """Whether model call ``step`` (0-based, counting up) runs in full under FORA.
+
+    ``schedule="fora"``: the reference's rule on the reverse index ``i = num_calls - 1 -
+    step``: full iff ``i == num_calls - 1`` (the first call) or ``i % interval == 0``.
+    Without a known number of calls (adaptive solvers) and for ``schedule="start"``:
+    full iff ``step % interval == 0``.
+    """
+    if schedule == "fora" and num_calls is not None:
+        i = num_calls - 1 - step
+        return i == num_calls - 1 or i % interval == 0
+    return step % interval == 0
 
 
 class FORA(BlockPolicyBase):
-    """Full stack every ``interval`` model calls, cached residual in between.
+    """Full stack on FORA's schedule, every block's cached branch outputs in between.
 
     Args:
-        interval: N, calls between full computations (1 = always full).
-        warmup: the first ``warmup`` calls always run in full.
-        cfg: ``"batched"`` or ``"split"`` (see ``BlockPolicyBase``).
+        interval: N, the caching interval (1 = always full).
+        cache: ``"blocks"`` (default, the reference: per-block pre-gate outputs times the
+            current gates) or ``"stack"`` (the residual of the whole stack).
+        schedule: ``"fora"`` (default: the reference's count-down rule, see
+            ``fora_full_call``) or ``"start"`` (every N-th call from the first).
+        warmup: the first ``warmup`` calls always run in full (0 in the reference).
+        cfg: ``"batched"`` (default, as the reference: one cache for the doubled batch)
+            or ``"split"`` (see ``BlockPolicyBase``).
     """
 
     name = "fora"
 
-    def __init__(self, interval: int = 3, warmup: int = 0, cfg: str = "batched"):
+    def __init__(self, interval: int = 3, cache: str = "blocks", schedule: str = "fora", warmup: int = 0,
+                 cfg: str = "batched"):
         super().__init__(cfg)
         self.interval = _positive_int(self.name, "interval", interval)
+        self.cache = _choice(self.name, "cache", cache, CACHE_TARGETS)
+        self.schedule = _choice(self.name, "schedule", schedule, SCHEDULES)
         self.warmup = _positive_int(self.name, "warmup", warmup, 0)
 
     def decide_and_run(self, model, tokens, c_act, ctx, st):
         s = step_of(ctx)
-        last = st.get("last_full")
-        if last is None or s < self.warmup or s - last >= self.interval:
-            out = self.run_blocks(model, tokens, c_act, ctx)
-            st["residual"], st["last_full"] = out - tokens, s
+        full = ("cached" not in st or s < self.warmup
+                or fora_full_call(s, getattr(ctx, "num_steps", None), self.interval, self.schedule))
+        if full:
             self.stats.full_calls += 1
+            if self.cache == "stack":
+                out = self.run_blocks(model, tokens, c_act, ctx)
+                st["cached"] = out - tokens
+            else:
+                out, st["cached"] = self.run_blocks_branches(model, tokens, c_act, ctx)
             return out
-        return tokens + st["residual"]
+        if self.cache == "stack":
+            return tokens + st["cached"]
+        return self.replay_blocks(model, tokens, c_act, ctx, st["cached"])

@@ -1,6 +1,6 @@
 """The rectified-flow probability path and conversions between predictions.
 
-Convention (docs/conventions.md, shared/DESIGN.md section 1): t = 0 is data, t = 1 is
+Convention (docs/conventions.md): t = 0 is data, t = 1 is
 noise, ``x_t = (1 - t) x0 + t eps`` and the velocity is ``v = dx_t/dt = eps - x0``
 (Liu et al. 2022, "Flow straight and fast", with time reversed as in SD3 / FLUX).
 

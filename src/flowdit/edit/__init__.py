@@ -33,7 +33,16 @@ from flowdit.edit.operators import (
     measure,
     random_mask,
 )
-from flowdit.edit.rf_edit import EditContext, EditResult, KeyedSolver, VFeatureProcessor, feature_sharing, rf_edit
+from flowdit.edit.rf_edit import (
+    EditContext,
+    EditResult,
+    KeyedSolver,
+    VFeatureProcessor,
+    default_edit_blocks,
+    edit_blocks,
+    feature_sharing,
+    rf_edit,
+)
 from flowdit.edit.rf_inversion import (
     RFInversionResult,
     controlled_forward_field,
@@ -45,7 +54,7 @@ from flowdit.edit.rf_inversion import (
 
 __all__ = [
     "invert", "regenerate", "invert_images", "regenerate_images", "inversion_grid", "sampling_grid",
-    "model_velocity", "rf_edit", "EditResult", "EditContext", "VFeatureProcessor", "KeyedSolver",
+    "model_velocity", "rf_edit", "EditResult", "default_edit_blocks", "edit_blocks", "EditContext", "VFeatureProcessor", "KeyedSolver",
     "feature_sharing", "rf_inversion", "RFInversionResult", "controlled_forward_field",
     "controlled_reverse_field", "paper_forward_field", "paper_reverse_field", "restore", "restore_images",
     "classifier_guided_sample", "FlowChefSolver", "ClassifierGuidanceSolver", "ReplacementSolver",

@@ -17,6 +17,12 @@ endpoints in the order they run (the first evaluation of a step is paired with t
 first, as the paper's code pairs them by time and by first / second evaluation).
 FireFlow's reused slope is no evaluation: those steps store and inject the midpoint only.
 
+Which layers share values is the ``blocks`` option (``edit_blocks``): a list or ``range``
+of indices into ``model.attention_modules()``. The default for a DiT is flowdit's choice,
+the second half of the blocks; the reference shares them in FLUX's single-stream blocks
+20-37 only (``default_edit_blocks`` gives the mapping), and a model with that structure
+names the reference's set through ``rf_edit_blocks()``.
+
 Everything goes through the attention-processor extension point: ``VFeatureProcessor``
 is installed on the chosen blocks and driven by an ``EditContext`` handed to the model
 as ``model(x, t, y, ctx=...)``; the model itself knows nothing about editing.
@@ -40,7 +46,7 @@ from .inversion import inversion_grid, model_velocity, sampling_grid
 from flowdit.sampling.sample import sample
 
 __all__ = ["EditContext", "VFeatureProcessor", "KeyedSolver", "feature_sharing", "rf_edit", "EditResult",
-           "default_edit_blocks"]
+           "default_edit_blocks", "edit_blocks"]
 
 
 @dataclass
@@ -127,20 +133,50 @@ class KeyedSolver(Solver):
 
 
 def default_edit_blocks(depth: int) -> list[int]:
-    """The second half of the blocks, as the paper shares features in the later (single-stream)
-    blocks of FLUX, where content is settled and appearance is carried."""
+    """flowdit's block set for a DiT of ``depth`` blocks: the second half,
+    ``range(depth // 2, depth)``.
+
+    The reference (RF-Solver-Edit, ``FLUX_Image_Edit/src/flux/modules/layers.py``,
+    ``SingleStreamBlock.forward``: ``info['id'] > 19``) shares values only in FLUX's
+    single-stream blocks 20-37 (FLUX.1 has 19 double-stream and 38 single-stream blocks),
+    the late blocks where the content is settled. A DiT has no double-stream part, so
+    flowdit takes the late half of its blocks; on FLUX's 38 single-stream blocks that rule
+    would give 19-37, one block more than the reference, and on all 57 blocks 28-56.
+    """
     return list(range(depth // 2, depth))
+
+
+def edit_blocks(model, blocks: Optional[Iterable[int]] = None) -> list[int]:
+    """The attention layers RF-Edit shares values in, as sorted indices into
+    ``model.attention_modules()``.
+
+    ``blocks``: an iterable of indices (a list, a ``range``), used as given. ``None``: the
+    model's own choice when it defines ``rf_edit_blocks()`` (a model with the reference's
+    structure, e.g. a FLUX-style MMDiT, returns the reference's single-stream blocks 20-37
+    there), else ``default_edit_blocks`` (the second half, for a DiT).
+    """
+    n = len(model.attention_modules())
+    if blocks is None:
+        hook = getattr(model, "rf_edit_blocks", None)
+        blocks = hook() if callable(hook) else default_edit_blocks(n)
+    try:
+        chosen = sorted(set(int(b) for b in blocks))
+    except (TypeError, ValueError):
+        raise ConfigError(f"RF-Edit blocks must be block indices, got {blocks!r}") from None
+    bad = [b for b in chosen if not 0 <= b < n]
+    if bad:
+        raise ConfigError(f"RF-Edit blocks {bad} out of range 0..{n - 1}")
+    if not chosen:
+        raise ConfigError("RF-Edit blocks is empty: name at least one block")
+    return chosen
 
 
 @contextmanager
 def feature_sharing(model, blocks: Optional[Iterable[int]] = None) -> Iterator[EditContext]:
-    """Install ``VFeatureProcessor`` on ``blocks`` (default ``default_edit_blocks``) for the
-    duration of the block, restoring the previous processors after; yields a fresh ``EditContext``."""
+    """Install ``VFeatureProcessor`` on ``edit_blocks(model, blocks)`` for the duration of the
+    block, restoring the previous processors after; yields a fresh ``EditContext``."""
     attns = model.attention_modules()
-    blocks = default_edit_blocks(len(attns)) if blocks is None else sorted(set(int(b) for b in blocks))
-    bad = [b for b in blocks if not 0 <= b < len(attns)]
-    if bad:
-        raise ConfigError(f"RF-Edit blocks {bad} out of range 0..{len(attns) - 1}")
+    blocks = edit_blocks(model, blocks)
     saved = {i: attns[i].processor for i in blocks}
     model.set_attn_processor({i: VFeatureProcessor(i) for i in blocks})
     try:
@@ -170,6 +206,8 @@ def rf_edit(model, images: Tensor, source: Optional[Tensor], target: Optional[Te
     Inverts unguided under ``source`` recording V on ``blocks`` for the steps that will be
     injected, then regenerates under ``target`` (guided with ``cfg_scale``) injecting V in the
     first ``inject_steps`` steps. ``inject_steps = 0`` is plain inversion + regeneration.
+    ``blocks``: indices into ``model.attention_modules()`` (a list or a ``range``); ``None``
+    takes ``edit_blocks``' default (the second half of a DiT's blocks).
     """
     if int(inject_steps) != inject_steps or not 0 <= inject_steps <= steps:
         raise ConfigError(f"inject_steps must be an integer in 0..steps={steps}, got {inject_steps!r}")

@@ -3,8 +3,9 @@ Models with Transformers", ICCV 2023), predicting the rectified-flow velocity.
 
 ``DiT(x_t, t, y) -> v_hat``: ``x_t [B, C, H, W]``, ``t [B]`` in ``[0, 1]`` (t = 0 data),
 ``y [B]`` class indices (``num_classes`` is the null class). Parameter names match the
-public DiT / SiT checkpoints; the learned-sigma channels of those checkpoints are not
-part of this model (``out_channels == in_channels``) and are dropped at import time.
+public DiT / SiT checkpoints, but flowdit has no importer for them yet: their learned-sigma
+channels are not part of this model (``out_channels == in_channels``), and their time and
+target conventions differ (docs/conventions.md).
 """
 
 from __future__ import annotations
@@ -82,6 +83,37 @@ class DiTBlock(nn.Module):
         x = x + gate_msa.unsqueeze(1) * self.attn(modulate(self.norm1(x), shift_msa, scale_msa), ctx)
         x = x + gate_mlp.unsqueeze(1) * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
         return x
+
+    def gates(self, c_act: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The attention and MLP gates ``(gate_msa, gate_mlp)``, each ``[B, D]``, from ``SiLU(c)``."""
+        mod = self.modulation(c_act)
+        return mod[2], mod[5]
+
+    def forward_branches(
+        self,
+        x: torch.Tensor,
+        c_act: torch.Tensor,
+        ctx: Any = None,
+        attn_out: Optional[torch.Tensor] = None,
+        mlp_out: Optional[torch.Tensor] = None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The block with its two branch outputs exposed *before* their adaLN gates.
+
+        ``x [B, N, D] -> (x_out, a, m)`` with ``x_out = x + g_a a`` followed by
+        ``x_out += g_m m``, where ``a = Attn(modulate(LN(x)))`` and ``m = MLP(modulate(LN(.)))``
+        are ``[B, N, D]``. A given ``attn_out`` / ``mlp_out`` replaces that branch (it is
+        not computed), while the gates always come from the current ``c_act``: this is
+        how the feature caches of FORA and TaylorSeer reuse a block (their public code
+        caches ``a`` and ``m`` and multiplies them by the current call's gates).
+        """
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.modulation(c_act)
+        if attn_out is None:
+            attn_out = self.attn(modulate(self.norm1(x), shift_msa, scale_msa), ctx)
+        x = x + gate_msa.unsqueeze(1) * attn_out
+        if mlp_out is None:
+            mlp_out = self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
+        x = x + gate_mlp.unsqueeze(1) * mlp_out
+        return x, attn_out, mlp_out
 
 
 class FinalLayer(nn.Module):
@@ -170,8 +202,8 @@ class DiT(nn.Module):
         return tokens, F.silu(c)
 
     def run_blocks(self, tokens: torch.Tensor, c_act: torch.Tensor, ctx: Any = None) -> torch.Tensor:
-        """Run the block stack. A block policy carried by ``ctx`` (see DESIGN.md) may take
-        over this loop; without one every block runs in order."""
+        """Run the block stack. A block policy carried by ``ctx`` (docs/conventions.md,
+        "Extension points") may take over this loop; without one every block runs in order."""
         policy = getattr(ctx, "block_policy", None)
         if policy is not None:
             return policy.run(self, tokens, c_act, ctx)

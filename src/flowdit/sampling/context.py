@@ -36,6 +36,10 @@ class BlockPolicy(Protocol):
     sampling loop at the start of every sampling call). ``cfg_mode`` (``"batched"`` or
     ``"split"``) tells a guided velocity function whether to run the conditional and
     unconditional rows as one batch or as two calls with separate policy state.
+
+    Optional hooks: ``after_output(model, v, ctx) -> v`` is called by the model on its
+    velocity ``[B, C, H, W]``; ``after_velocity(v, ctx)`` is called by the sampling loop
+    with the velocity the solver will use (guidance applied), and returns nothing.
     """
 
     cfg_mode: str
@@ -57,6 +61,8 @@ class StepContext:
         solver_step: index of the current solver step.
         num_solver_steps: solver steps of the grid (``None`` for adaptive solvers).
         t: the time of the current call (a float; ``t = 1`` noise, ``t = 0`` data).
+        t_step, t_next: start and end time of the current solver step (``None`` for
+            adaptive solvers); an Euler step moves ``x`` by ``(t_next - t_step) v``.
         branch: ``"cond"``, ``"uncond"`` or ``"batched"`` (both CFG rows in one batch).
         extras: free-form slots for other users of the context.
     """
@@ -67,6 +73,8 @@ class StepContext:
     solver_step: int = 0
     num_solver_steps: Optional[int] = None
     t: Optional[float] = None
+    t_step: Optional[float] = None
+    t_next: Optional[float] = None
     branch: str = "cond"
     extras: dict = field(default_factory=dict)
 
@@ -83,6 +91,8 @@ class StepContext:
         self.num_steps = num_steps
         self.num_solver_steps = num_solver_steps
         self.t = None
+        self.t_step = None
+        self.t_next = None
         self.branch = "cond"
         if self.block_policy is not None:
             self.block_policy.reset()

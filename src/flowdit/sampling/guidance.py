@@ -197,5 +197,5 @@ def cfg_velocity(
     return GuidedVelocity(model, y, null, float(scale), interval, ctx)
 
 
-# The name used in the design notes; same function.
+# The method under its full name (docs/conventions.md, "Extension points"); same function.
 classifier_free_guidance = cfg_velocity

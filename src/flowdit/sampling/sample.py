@@ -50,7 +50,9 @@ class CountingModelFn:
     """Wraps ``model_fn(x, t)`` and counts its calls in ``.calls``.
 
     With a ``StepContext`` it also records, before each call, the call index
-    (``ctx.step``) and the time ``ctx.t`` of the call, so a block policy sees them.
+    (``ctx.step``) and the time ``ctx.t`` of the call, so a block policy sees them, and
+    hands the returned velocity (the one the solver uses, guidance applied) to the
+    policy's ``after_velocity(v, ctx)`` when it defines one.
     """
 
     def __init__(self, model_fn: ModelFn, ctx: StepContext | None = None):
@@ -63,7 +65,11 @@ class CountingModelFn:
             self.ctx.step = self.calls
             self.ctx.t = float(torch.as_tensor(t).reshape(-1)[0])
         self.calls += 1
-        return self.model_fn(x, t)
+        v = self.model_fn(x, t)
+        hook = getattr(getattr(self.ctx, "block_policy", None), "after_velocity", None)
+        if hook is not None:
+            hook(v, self.ctx)
+        return v
 
 
 def _resolve_grid(
@@ -162,7 +168,8 @@ def sample(
         grad: keep autograd enabled (default runs under ``torch.no_grad()``).
         step_context: the ``StepContext`` that ``model_fn`` hands to the model (see
             ``flowdit.sampling.context``); the loop resets its policy at the start and
-            sets ``step``, ``solver_step`` and ``t`` before every model call.
+            sets ``step``, ``solver_step``, ``t``, ``t_step`` and ``t_next`` before every
+            model call.
 
     Returns:
         ``SampleResult(x, nfe, trajectory, times)``.
@@ -209,6 +216,7 @@ def sample(
         for i in tqdm(range(len(ts) - 1), desc=f"sampling ({name})", disable=not progress):
             if step_context is not None:
                 step_context.solver_step = i
+                step_context.t_step, step_context.t_next = ts[i], ts[i + 1]
             x, state = step_solver.step(counted, x, ts[i], ts[i + 1], state)
             if trajectory is not None:
                 trajectory.append(x)
