@@ -517,7 +517,6 @@ def test_step_draws_do_not_depend_on_world_size_or_accumulation(tmp_path):
     torch.testing.assert_close(acc.train_step()["loss"], tr.train_step()["loss"], rtol=1e-6, atol=1e-7)
     for (k, a), b in zip(acc.model.state_dict().items(), tr.model.state_dict().values()):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=k)
-    assert not torch.equal(tr.model.final_layer.linear.weight, tr.ema.final_layer.linear.weight) or True
 
 
 @pytest.mark.slow

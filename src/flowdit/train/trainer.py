@@ -512,7 +512,7 @@ class Trainer:
         # Checked before the update: a non-finite loss or gradient must not reach the weights,
         # the EMA or the optimizer's moments. The gradients are all-reduced, so every process
         # sees the same norm and takes the same branch.
-        if not (torch.isfinite(loss_mean) and torch.isfinite(grad_norm)):
+        if not bool(torch.isfinite(loss_mean) & torch.isfinite(grad_norm)):  # one device sync per step
             opt.zero_grad(set_to_none=True)
             self.nonfinite_steps += 1
             what = f"loss {loss_mean.item():.4g}, gradient norm {grad_norm.item():.4g}"
@@ -547,6 +547,8 @@ class Trainer:
         tc = self.cfg.train
         run_dir = self.run_dir
         if self.dist.is_main:
+            if self._lock is None:  # a second fit() of the same trainer takes the lock again
+                self._lock = DirLock(run_dir).acquire()
             run_dir.mkdir(parents=True, exist_ok=True)
             if self.resumed_from is None:
                 save_config(self.cfg, run_dir / "config.yaml")
