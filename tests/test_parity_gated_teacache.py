@@ -52,19 +52,20 @@ def sample(model, policy, labels=LABELS):
                     accel=policy).images
 
 
-def traced(cls):
-    """``cls`` recording per call whether it computed the whole stack."""
+def traced(cls, key=None):
+    """``cls`` recording per call whether it computed the whole stack (and ``st[key]``)."""
 
     class Traced(cls):
         def decide_and_run(self, model, tokens, c_act, ctx, st):
             before = self.stats.full_calls
             out = super().decide_and_run(model, tokens, c_act, ctx, st)
             self.decisions.append(self.stats.full_calls > before)
+            self.values.append(st.get(key))
             return out
 
         def reset(self):
             super().reset()
-            self.decisions = []
+            self.decisions, self.values = [], []
 
     return Traced
 
@@ -93,7 +94,7 @@ class ReferenceCGTaylor:
     def reset(self):
         self.cache = {"hidden": {}, "firstblock_hidden": {}}
         self.block_activated_steps, self.activated_steps = [self.num_steps - 1], [self.num_steps - 1]
-        self.cnt, self.predict_loss, self.decisions = 0, None, []
+        self.cnt, self.predict_loss, self.decisions, self.values = 0, None, [], []
 
     def derivative(self, key, steps, max_order, step, feature):
         difference_distance = steps[-1] - steps[-2]
@@ -143,6 +144,7 @@ class ReferenceCGTaylor:
                 x = block(x, c, ctx)
             self.derivative("hidden", self.activated_steps, self.max_order, step, x)
         self.decisions.append(should_calc)
+        self.values.append(self.predict_loss)
         return x
 
 
@@ -244,10 +246,14 @@ def test_gated_taylor_residual_option_exact_for_linear_residuals():
 
 @pytest.mark.parametrize("threshold", [0.05, 0.1])
 def test_gated_taylor_matches_reference_on_dit(model, threshold):
-    policy = traced(GatedTaylor)(threshold=threshold)
+    policy = traced(GatedTaylor, "last_error")(threshold=threshold)
     ref = ReferenceCGTaylor(STEPS, threshold=threshold)
     out, want = sample(model, policy), sample(model, ref)
     assert policy.decisions == ref.decisions
+    # the gate value of every gated call (the reference also evaluates it at the final call)
+    for s, (got, loss) in enumerate(zip(policy.values, ref.values)):
+        if 3 <= s < STEPS - 1:
+            assert got == pytest.approx(float(loss), rel=1e-6), s
     d = pattern(policy.decisions)
     assert d.startswith("FFF") and d.endswith("F") and "." in d and "F" in d[3:-1], d
     torch.testing.assert_close(out, want, atol=1e-6, rtol=1e-6)
@@ -267,7 +273,7 @@ class ReferenceTeaCache:
         self.num_steps, self.rel_l1_thresh, self.coefficients = num_steps, rel_l1_thresh, coefficients
 
     def reset(self):
-        self.cnt, self.accumulated_rel_l1_distance, self.decisions = 0, 0, []
+        self.cnt, self.accumulated_rel_l1_distance, self.decisions, self.values = 0, 0, [], []
         self.previous_modulated_input = self.previous_residual = None
 
     def run(self, model, hidden_states, c, ctx):
@@ -299,16 +305,18 @@ class ReferenceTeaCache:
                 hidden_states = block(hidden_states, c, ctx)
             self.previous_residual = hidden_states - ori_hidden_states
         self.decisions.append(should_calc)
+        self.values.append(self.accumulated_rel_l1_distance)
         return hidden_states
 
 
 @pytest.mark.parametrize("threshold,coeffs", [(0.05, [0, 0, 0, 1, 0]), (0.08, [100.0, -20.0, 3.0, 1.5, 1e-3]),
                                               (0.3, [0, 0, 0, 1, 0])])
 def test_teacache_matches_reference_on_dit(model, threshold, coeffs):
-    policy = traced(TeaCache)(threshold=threshold, coeffs=tuple(coeffs))
+    policy = traced(TeaCache, "acc")(threshold=threshold, coeffs=tuple(coeffs))
     ref = ReferenceTeaCache(STEPS, threshold, coeffs)
     out, want = sample(model, policy), sample(model, ref)
     assert policy.decisions == ref.decisions
+    assert policy.values == pytest.approx(ref.values, rel=1e-9, abs=0)  # the accumulated sum after each call
     d = pattern(policy.decisions)
     assert d[0] == "F" and d[-1] == "F" and "." in d and "F" in d[1:-1], d
     torch.testing.assert_close(out, want, atol=1e-6, rtol=1e-6)
