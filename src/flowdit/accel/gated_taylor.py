@@ -15,8 +15,8 @@ Two Taylor histories are kept, both in TaylorSeer's finite-difference form (see
   ``order`` (the reference's ``max_order``, 1).
 
 On every model call ``s`` the first block runs. The calls ``s < warmup`` (the reference's
-``cnt <= mid_cor``: three calls) and the final call (``s = num_steps - 1``) always run the
-whole stack. On any other call the gate is the relative L1 error of the first block's
+``cnt <= mid_cor``: three calls) and the final call (``s = num_steps - 1``, known to
+fixed-step solvers) always run the whole stack. On any other call the gate is the relative L1 error of the first block's
 forecast::
 
     e(s) = mean|h_1_hat(s) - h_1(s)| / mean|h_1(s)|       (means over every element of the batch)
