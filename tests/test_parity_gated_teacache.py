@@ -163,7 +163,8 @@ class _LinearBlock(nn.Module):
 
 
 def _fake(blocks):
-    return types.SimpleNamespace(blocks=nn.ModuleList(blocks), config=types.SimpleNamespace(hidden_size=4, mlp_ratio=4.0))
+    cfg = types.SimpleNamespace(hidden_size=4, mlp_ratio=4.0)
+    return types.SimpleNamespace(blocks=nn.ModuleList(blocks), config=cfg)
 
 
 def _drive(policy, model, inputs, num_steps):

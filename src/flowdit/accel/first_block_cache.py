@@ -99,9 +99,9 @@ class TeaCache(BlockPolicyBase):
     of block 0. The first call, the final call (``s = num_steps - 1``, known to fixed-step
     solvers) and the calls ``s < warmup`` run in full and set the accumulator to 0. Any
     other call adds ``poly(mean|m_s - m_{s-1}| / mean|m_{s-1}|)`` to it (``m_{s-1}`` is the
-    previous call's, cached or not); if the sum is below ``threshold`` the stack output is ``x_s + r``,
-    with ``r`` the residual ``out - in`` of the last full call; otherwise the stack runs,
-    ``r`` is replaced and the sum is set to 0. Means run over the whole batch: with
+    previous call's, cached or not); if the sum is below ``threshold`` the stack output
+    is ``x_s + r``, with ``r`` the residual ``out - in`` of the last full call; otherwise
+    the stack runs, ``r`` is replaced and the sum is set to 0. Means run over the whole batch: with
     ``cfg=batched`` both CFG branches share one decision (as Open-Sora's doubled batch),
     with ``cfg=split`` each branch keeps its own accumulator and residual (as Wan2.1's
     even / odd calls).

@@ -16,8 +16,8 @@ Two Taylor histories are kept, both in TaylorSeer's finite-difference form (see
 
 On every model call ``s`` the first block runs. The calls ``s < warmup`` (the reference's
 ``cnt <= mid_cor``: three calls) and the final call (``s = num_steps - 1``, known to
-fixed-step solvers) always run the whole stack. On any other call the gate is the relative L1 error of the first block's
-forecast::
+fixed-step solvers) always run the whole stack. On any other call the gate is the
+relative L1 error of the first block's forecast::
 
     e(s) = mean|h_1_hat(s) - h_1(s)| / mean|h_1(s)|       (means over every element of the batch)
 
@@ -25,7 +25,9 @@ If ``e(s) < threshold`` the blocks ``1..L-1`` are skipped and the stack output i
 forecast ``h_L_hat(s)`` itself (the final layer then runs with the current call's
 conditioning); neither history changes. Otherwise the remaining blocks run and both
 histories take the new ``h_1`` and ``h_L``. Warm-up calls update both histories too; so
-the first block's history changes exactly on the calls that compute the whole stack.
+the first block's history changes exactly on the calls that compute the whole stack (the
+reference leaves it alone on a final call whose gate passes, after which nothing is
+forecast any more).
 
 The reference indexes calls by the DDIM step ``i = N-1 .. 0`` (a decreasing abscissa);
 every derivative estimate and every power of the distance then changes sign together, so
