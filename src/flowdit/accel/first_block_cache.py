@@ -108,8 +108,9 @@ class TeaCache(BlockPolicyBase):
 
     Args:
         threshold: the reference's ``rel_l1_thresh`` (0 = always full while the rescaled
-            changes are positive); model-specific (0.1-0.3 in the paper's video models,
-            0.25-0.8 on FLUX).
+            changes are positive); model-specific: 0.1 and 0.2 in the authors' video
+            experiments (``eval/teacache/experiments``), 0.25-0.8 on FLUX, 0.1-0.15 on
+            HunyuanVideo.
         coeffs: rescaling polynomial ``poly``, highest power first, ``"c4/c3/c2/c1/c0"``
             in a spec; empty = identity (no rescaling). ``calibrate_teacache`` fits it.
         warmup: calls that always run in full (the first always does; 1 = the reference).
