@@ -86,6 +86,10 @@ def main(argv=None) -> int:
                                   ("--batch-size", args.batch_size, 1), ("--sweep-num", args.sweep_num, 1)):
             if value < least:
                 raise ConfigError(f"{key} must be >= {least}, got {value}")
+        try:
+            thresholds = [float(t) for t in args.thresholds.split(",") if t.strip()]
+        except ValueError:
+            raise ConfigError(f"--thresholds must be numbers separated by ',', got {args.thresholds!r}") from None
         from flowdit.train.outputs import balanced_labels
         from flowdit.train.run import load_run_model
 
@@ -101,10 +105,6 @@ def main(argv=None) -> int:
             shift=float(meta["config"]["flow"].get("shift", 1.0)), seed=args.seed, batch_size=args.batch_size,
             device=device, amp_dtype=torch.bfloat16 if args.precision == "bf16" else None, degree=args.degree)
         seconds = time.perf_counter() - t0
-        try:
-            thresholds = [float(t) for t in args.thresholds.split(",") if t.strip()]
-        except ValueError:
-            raise ConfigError(f"--thresholds must be numbers separated by ',', got {args.thresholds!r}") from None
         if thresholds:
             res["sweep"] = sweep(model, meta, balanced_labels(model.num_classes, args.sweep_num), res["coeffs"],
                                  thresholds, args, device)

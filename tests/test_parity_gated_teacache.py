@@ -385,3 +385,40 @@ def test_teacache_fit_recovers_a_known_polynomial_and_round_trips_through_a_spec
     got = calibrate_teacache(policy, lambda: sample(model, policy))
     assert policy.coeffs == got
     np.testing.assert_allclose(got, res["coeffs"], rtol=1e-6, atol=1e-9)
+
+
+def test_calibration_script_fits_a_run_and_rejects_bad_input(tmp_path, capsys, monkeypatch):
+    """``benchmarks/teacache_calibrate.py`` on a two-step training run: the JSON holds the
+    fit of ``calibrate_teacache_model`` for the run's model; bad input exits with 2."""
+    import importlib.util
+    import json
+    import sys
+    from pathlib import Path
+
+    from flowdit.cli import main as cli
+    from flowdit.train.outputs import balanced_labels
+    from flowdit.train.run import load_run_model
+
+    tiny = ["data.dataset=digits", "model.name=DiT-tiny", "train.batch_size=16", "train.precision=fp32",
+            "optim.warmup_steps=1", "train.steps=2", "train.ckpt_every=2"]
+    assert cli(["train", "--no-progress", "--no-outputs", *tiny, f"out_dir={tmp_path}", "name=r"]) == 0
+    bench = Path(__file__).resolve().parents[1] / "benchmarks"
+    monkeypatch.syspath_prepend(str(bench))
+    spec = importlib.util.spec_from_file_location("teacache_calibrate", bench / "teacache_calibrate.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    out = tmp_path / "coeffs.json"
+    args = ["--run", str(tmp_path / "r"), "--out", str(out), "--num", "6", "--steps", "6", "--batch-size", "6",
+            "--thresholds", "0.1"]
+    assert script.main(args) == 0
+    res = json.loads(out.read_text())
+    model, meta = load_run_model(tmp_path / "r")
+    want = calibrate_teacache_model(model, balanced_labels(model.num_classes, 6), tuple(meta["data"]["shape"]),
+                                    steps=6, batch_size=6)
+    np.testing.assert_allclose(res["coeffs"], want["coeffs"], rtol=1e-6)
+    assert res["pairs"] == 5 * 6 and "data" not in res and len(res["sweep"]) == 1
+    assert "coeffs=" + res["spec"] in capsys.readouterr().out
+    assert script.main(["--run", str(tmp_path / "missing"), "--out", str(out)]) == 2
+    assert script.main(["--run", str(tmp_path / "r"), "--out", str(out), "--thresholds", "a,b"]) == 2
+    assert "--thresholds" in capsys.readouterr().err
+    sys.modules.pop("common", None)
