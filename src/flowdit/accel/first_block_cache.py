@@ -5,17 +5,18 @@
   ``mean|r_1 - r_1^cached| / mean|r_1^cached|``; below ``threshold`` the other blocks are
   replaced by their cached residual, otherwise they run and the cache is refreshed.
 * ``TeaCache`` (Liu et al. 2025, "Timestep Embedding Tells: It's Time to Cache for Video
-  Diffusion Model", arXiv 2411.19108): the signal is the first block's *modulated input*
-  ``modulate(LN(x), shift, scale)``, which carries the timestep embedding; its relative
-  L1 change between consecutive calls, optionally rescaled by a polynomial fitted on one
-  calibration run (the paper's eq. 5-6), is **accumulated**; while the sum stays below
-  ``threshold`` the whole stack's cached residual is reused, and the sum is reset at
-  every full call. ``calibrate_teacache`` fits the rescaling polynomial from one sample.
+  Diffusion Model", arXiv 2411.19108; the authors' code ali-vilab/TeaCache): the signal is
+  the first block's *modulated input* ``modulate(LN(x), shift_msa, scale_msa)``, which
+  carries the timestep embedding. Its relative L1 change against the previous call,
+  rescaled by a model-specific polynomial, is **accumulated**; while the sum stays below
+  ``threshold`` the cached residual of the whole stack is added to the current input,
+  otherwise the stack runs, its residual is cached and the sum restarts from 0. The first
+  and the final call always run in full. ``calibrate_teacache`` fits the polynomial.
 """
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
 import torch
@@ -25,7 +26,8 @@ from flowdit.models.layers import modulate
 
 from .base import BlockPolicyBase, _in_range, _positive_int, step_of
 
-__all__ = ["FirstBlockCache", "TeaCache", "calibrate_teacache", "rel_l1"]
+__all__ = ["FirstBlockCache", "TeaCache", "calibrate_teacache", "calibrate_teacache_model",
+           "fit_teacache_coeffs", "rel_l1", "rel_l1_per_sample", "teacache_pairs"]
 
 
 def rel_l1(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -71,15 +73,47 @@ class FirstBlockCache(BlockPolicyBase):
         return out
 
 
+def rel_l1_per_sample(a: torch.Tensor, b: torch.Tensor, batched: bool = False) -> torch.Tensor:
+    """``mean|a - b| / mean|b|`` per sample: ``[G]`` for ``a, b`` of ``[R, ...]``.
+
+    A sample is one row, or with ``batched`` (both CFG branches in one batch, rows
+    ``[cond_0..cond_{G-1}, uncond_0..uncond_{G-1}]``) the two rows ``i`` and ``i + G``
+    together: the value a sampling run of that one sample alone would give.
+    """
+    rows = a.shape[0]
+    if batched and rows % 2 == 0:
+        def group(t):
+            return t.reshape(2, rows // 2, -1).transpose(0, 1).reshape(rows // 2, -1)
+    else:
+        def group(t):
+            return t.reshape(rows, -1)
+    a, b = group(a).float(), group(b).float()
+    return (a - b).abs().mean(dim=1) / b.abs().mean(dim=1)
+
+
 class TeaCache(BlockPolicyBase):
     """Accumulated, rescaled change of the first block's modulated input (TeaCache).
 
+    Per model call ``s`` (the authors' ``teacache_forward`` of TeaCache4FLUX,
+    TeaCache4HunyuanVideo and Open-Sora): ``m_s = modulate(LN(x_s), shift_msa, scale_msa)``
+    of block 0. The first call, the final call (``s = num_steps - 1``, known to fixed-step
+    solvers) and the calls ``s < warmup`` run in full and set the accumulator to 0. Any
+    other call adds ``poly(mean|m_s - m_{s-1}| / mean|m_{s-1}|)`` to it (``m_{s-1}`` is the
+    previous call's, cached or not); if the sum is below ``threshold`` the stack output
+    is ``x_s + r``, with ``r`` the residual ``out - in`` of the last full call; otherwise
+    the stack runs, ``r`` is replaced and the sum is set to 0. Means run over the whole batch: with
+    ``cfg=batched`` both CFG branches share one decision (as Open-Sora's doubled batch),
+    with ``cfg=split`` each branch keeps its own accumulator and residual (as Wan2.1's
+    even / odd calls).
+
     Args:
-        threshold: the accumulated (rescaled) relative L1 change that forces a full call
-            (0 = always full). The paper's settings are 0.1-0.3 for their models.
-        coeffs: rescaling polynomial, highest power first, ``"c4/c3/c2/c1/c0"`` in a spec;
-            empty = identity. ``calibrate_teacache`` fits it.
-        warmup: calls that always run in full.
+        threshold: the reference's ``rel_l1_thresh`` (0 = always full while the rescaled
+            changes are positive); model-specific: 0.1 and 0.2 in the authors' video
+            experiments (``eval/teacache/experiments``), 0.25-0.8 on FLUX, 0.1-0.15 on
+            HunyuanVideo.
+        coeffs: rescaling polynomial ``poly``, highest power first, ``"c4/c3/c2/c1/c0"``
+            in a spec; empty = identity (no rescaling). ``calibrate_teacache`` fits it.
+        warmup: calls that always run in full (the first always does; 1 = the reference).
         cfg: ``"batched"`` or ``"split"``.
     """
 
@@ -90,7 +124,7 @@ class TeaCache(BlockPolicyBase):
         self.threshold = _in_range(self.name, "threshold", threshold, 0.0, float("inf"))
         self.coeffs = _parse_coeffs(coeffs)
         self.warmup = _positive_int(self.name, "warmup", warmup, 0)
-        self._recording: list[tuple[float, float]] | None = None
+        self._recording: list[tuple[int, np.ndarray, np.ndarray]] | None = None
 
     def params(self) -> dict:
         p = super().params()
@@ -102,51 +136,152 @@ class TeaCache(BlockPolicyBase):
         return float(np.polyval(self.coeffs, change)) if self.coeffs else change
 
     def decide_and_run(self, model, tokens, c_act, ctx, st):
+        s = step_of(ctx)
+        num_steps = getattr(ctx, "num_steps", None)
         block = model.blocks[0]
         shift, scale = block.modulation(c_act)[:2]
         sig = modulate(block.norm1(tokens), shift, scale)
         prev = st.get("sig")
         st["sig"] = sig
-        if prev is not None and self._recording is None:
-            st["acc"] = st.get("acc", 0.0) + self.rescale(rel_l1(sig, prev))
-            if step_of(ctx) >= self.warmup and st["acc"] < self.threshold:
+        forced = (prev is None or s < self.warmup or (num_steps is not None and s == num_steps - 1)
+                  or self._recording is not None)
+        if forced:
+            st["acc"] = 0.0
+        else:
+            st["acc"] += self.rescale(rel_l1(sig, prev))
+            if st["acc"] < self.threshold:
                 return tokens + st["residual"]
+            st["acc"] = 0.0
         out = self.run_blocks(model, tokens, c_act, ctx)
-        if self._recording is not None and prev is not None:
-            self._recording.append((rel_l1(sig, prev), rel_l1(out, st["out"])))
-        st["residual"], st["out"], st["acc"] = out - tokens, out, 0.0
+        st["residual"] = out - tokens
+        if self._recording is not None:
+            st["pending"] = (s, None if prev is None else rel_l1_per_sample(sig, prev, ctx_batched(ctx)))
         self.stats.full_calls += 1
         return out
 
+    def after_output(self, model, v: torch.Tensor, ctx) -> torch.Tensor:
+        """While calibrating: pair the input change of this call with its output change.
+
+        ``v [R, C, H, W]`` is the model's output (the velocity of every row, before the
+        guidance combination). Outside calibration ``v`` passes through untouched.
+        """
+        if self._recording is None:
+            return v
+        st = self._states.get(getattr(ctx, "branch", "cond") or "cond")
+        if st is None or "pending" not in st:
+            return v
+        s, x_change = st.pop("pending")
+        prev_v = st.get("v")
+        st["v"] = v.detach()
+        if x_change is not None and prev_v is not None and prev_v.shape == v.shape:
+            y_change = rel_l1_per_sample(v, prev_v, ctx_batched(ctx))
+            self._recording.append((s, x_change.cpu().numpy(), y_change.cpu().numpy()))
+        return v
+
+
+def ctx_batched(ctx: Any) -> bool:
+    """Whether the call runs both CFG branches in one batch (``ctx.branch == "batched"``)."""
+    return getattr(ctx, "branch", None) == "batched"
+
 
 def _parse_coeffs(coeffs) -> tuple:
-    if isinstance(coeffs, str):
+    if isinstance(coeffs, (int, float)) and not isinstance(coeffs, bool):
+        parts = [coeffs]
+    elif isinstance(coeffs, str):
         parts = [c for c in coeffs.replace(";", "/").split("/") if c.strip()]
     else:
         parts = list(coeffs)
     try:
         return tuple(float(c) for c in parts)
-    except ValueError:
+    except (TypeError, ValueError):
         raise ConfigError(f"teacache: coeffs must be numbers separated by '/', got {coeffs!r}") from None
 
 
-def calibrate_teacache(policy: TeaCache, run_once: Callable[[], object], degree: int = 4) -> tuple:
-    """Fit ``policy.coeffs`` from one uncached sampling run (TeaCache, sec. 4.3).
+def teacache_pairs(policy: TeaCache, run_once: Callable[[], object]) -> np.ndarray:
+    """The calibration data of TeaCache from uncached sampling (``[P, 3]`` float64).
 
-    ``run_once()`` must sample (one image is enough) with ``policy`` active; during the
-    call every model call runs in full and the pairs (relative L1 change of the first
-    block's modulated input, relative L1 change of the stack output) between consecutive
-    calls are recorded; a degree-``degree`` polynomial maps the first to the second.
-    Returns the coefficients (highest power first).
+    ``run_once()`` must sample with ``policy`` active; while it runs every model call is
+    computed in full, and for every call ``s >= 1`` and every sample one row
+    ``(s, x, y)`` is recorded: ``x`` the relative L1 change of block 0's modulated input
+    and ``y`` that of the model output, both against the previous call of the same
+    sample (``rel_l1_per_sample``; the two CFG rows of a sample count together when they
+    share a batch). These are the pairs the authors fit (ali-vilab/TeaCache issue #2:
+    the modulated noisy input and the model output of every step of uncached runs).
     """
     policy._recording = []
     try:
         run_once()
-        pairs = policy._recording
+        records = policy._recording
     finally:
         policy._recording = None
-    if len(pairs) <= degree:
-        raise ConfigError(f"teacache calibration needs more than {degree} model calls, got {len(pairs) + 1}")
-    x, y = np.array(pairs).T
-    policy.coeffs = tuple(float(c) for c in np.polyfit(x, y, degree))
+    rows = [np.stack([np.full(len(x), s, dtype=np.float64), x, y], axis=1) for s, x, y in records]
+    return np.concatenate(rows) if rows else np.zeros((0, 3))
+
+
+def fit_teacache_coeffs(x: np.ndarray, y: np.ndarray, degree: int = 4) -> tuple:
+    """Least-squares polynomial ``y ~ poly(x)`` of ``degree`` (``np.polyfit``), highest power first."""
+    x, y = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
+    if len(x) <= degree:
+        raise ConfigError(f"teacache calibration needs more than {degree} (input, output) pairs, got {len(x)}")
+    return tuple(float(c) for c in np.polyfit(x, y, degree))
+
+
+def calibrate_teacache(policy: TeaCache, run_once: Callable[[], object], degree: int = 4) -> tuple:
+    """Fit ``policy.coeffs`` on the uncached run ``run_once()`` (TeaCache's rescaling).
+
+    Records the pairs of ``teacache_pairs`` and fits a degree-``degree`` polynomial (4 in
+    the reference) of the output change against the input change over all of them, as
+    ``np.polyfit(x, y, 4)`` in the authors' procedure. Returns the coefficients (highest
+    power first), also stored in ``policy.coeffs``.
+    """
+    pairs = teacache_pairs(policy, run_once)
+    policy.coeffs = fit_teacache_coeffs(pairs[:, 1], pairs[:, 2], degree)
     return policy.coeffs
+
+
+def calibrate_teacache_model(model: torch.nn.Module, labels: torch.Tensor, shape: Sequence[int], *,
+                             solver: str = "euler", steps: int = 50, cfg_scale: float = 1.5, shift: float = 1.0,
+                             seed: int = 0, batch_size: int = 70, device: torch.device | str = "cpu",
+                             amp_dtype: Optional[torch.dtype] = None, degree: int = 4) -> dict:
+    """Calibrate TeaCache for ``model`` under one sampling setting; returns a result dict.
+
+    The authors fit on uncached runs of 70 prompts, every step of each; here a prompt
+    is a class label: ``labels [N]`` are sampled without caching by
+    ``flowdit.sampling.generate`` with the given solver, steps, guidance and seed, every
+    consecutive pair of model calls of every sample gives one ``(x, y)`` pair
+    (``teacache_pairs``), and a degree-``degree`` polynomial is fitted to all of them.
+    The polynomial depends on the step count and solver (they set the change per call),
+    so calibrate with the setting you sample with.
+
+    Returns a dict: ``coeffs`` (highest power first), ``spec`` (the ``coeffs=`` value of a
+    ``teacache`` spec), ``pairs`` (their number), ``samples``, ``r2`` and ``rmse`` of the
+    fit, the ranges of ``x`` and ``y``, the settings, and ``data`` (the ``[P, 3]`` pairs
+    ``(call, x, y)`` as a list).
+    """
+    from flowdit.sampling.generate import generate
+
+    policy = TeaCache()
+
+    def run_once():
+        generate(model, labels, shape, solver=solver, steps=steps, cfg_scale=cfg_scale, shift=shift, seed=seed,
+                 batch_size=batch_size, device=device, amp_dtype=amp_dtype, accel=policy)
+
+    pairs = teacache_pairs(policy, run_once)
+    x, y = pairs[:, 1], pairs[:, 2]
+    coeffs = fit_teacache_coeffs(x, y, degree)
+    resid = y - np.polyval(coeffs, x)
+    ss_tot = float(((y - y.mean()) ** 2).sum())
+    return {
+        "coeffs": list(coeffs),
+        "spec": "/".join(f"{c:.6g}" for c in coeffs),
+        "degree": degree,
+        "pairs": int(len(x)),
+        "samples": int(len(labels)),
+        "r2": 1.0 - float((resid**2).sum()) / ss_tot if ss_tot > 0 else float("nan"),
+        "rmse": float(np.sqrt((resid**2).mean())),
+        "x_range": [float(x.min()), float(x.max())],
+        "y_range": [float(y.min()), float(y.max())],
+        "settings": {"solver": solver, "steps": steps, "cfg_scale": cfg_scale, "shift": shift, "seed": seed,
+                     "precision": "bf16" if amp_dtype == torch.bfloat16 else "fp32"},
+        "data": pairs.tolist(),
+    }
