@@ -292,8 +292,6 @@ def test_every_option_has_help_and_shows_its_default():
     from flowdit.sampling.solvers import SOLVERS
 
     for path, sub in _commands(build_parser()):
-        if path[0] == "bench":  # its options are defined with the benchmark
-            continue
         fmt = sub._get_formatter()
         for action in sub._actions:
             if isinstance(action, argparse._SubParsersAction):  # a list of commands, each with its help
