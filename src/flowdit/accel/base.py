@@ -18,7 +18,7 @@ import torch
 from flowdit.errors import ConfigError
 from flowdit.sampling.context import CFG_MODES, StepContext
 
-__all__ = ["BlockPolicyBase", "PolicyStats", "block_flops", "full_compute"]
+__all__ = ["BlockPolicyBase", "PolicyStats", "block_flops", "check_policy", "full_compute", "MODEL_CAPABILITIES"]
 
 
 def block_flops(model: Any, n_query: int, n_key: int | None = None) -> float:
@@ -29,6 +29,11 @@ def block_flops(model: Any, n_query: int, n_key: int | None = None) -> float:
     MLP ``4 n_q D H`` (``H = mlp_ratio D``), adaLN modulation ``12 D^2``. Layer norms,
     softmax and element-wise work are left out (they are lower order).
     """
+    own = getattr(model, "block_flops", None)
+    if callable(own):
+        # A model adapter that knows its own block structure (diffusers' joint and
+        # single-stream blocks) counts its FLOPs itself.
+        return float(own(n_query, n_key))
     cfg = model.config
     d = cfg.hidden_size
     h = int(cfg.hidden_size * cfg.mlp_ratio)
@@ -69,6 +74,9 @@ class BlockPolicyBase:
     """
 
     name = "none"
+    requires: frozenset[str] = frozenset()
+    """What the policy needs from the model beyond running its blocks in order (see
+    ``MODEL_CAPABILITIES``); a model adapter that lacks one refuses the policy by name."""
 
     def __init__(self, cfg: str = "batched"):
         if cfg not in CFG_MODES:
@@ -241,3 +249,27 @@ def _choice(policy: str, key: str, value: Any, choices: tuple[str, ...]) -> str:
 
 
 CACHE_TARGETS = ("blocks", "stack")
+
+MODEL_CAPABILITIES = {
+    "block_branches": "each block's attention and MLP outputs before their gates "
+                      "(block.forward_branches, block.gates)",
+    "token_layout": "image tokens on a square patch grid (model.patch_size, model.unpatchify)",
+    "attention_processors": "swappable flowdit attention processors (block.attn.processor)",
+}
+"""Capabilities a policy may ``require``. flowdit's DiT has all of them; a model adapter
+declares the ones it offers in ``capabilities``."""
+
+
+def check_policy(model: Any, policy: Any) -> None:
+    """Refuse, in one line, a policy that needs a capability ``model`` lacks.
+
+    Models without a ``capabilities`` attribute (flowdit's own) offer everything.
+    """
+    offered = getattr(model, "capabilities", None)
+    if offered is None or policy is None:
+        return
+    missing = sorted(set(getattr(policy, "requires", ())) - set(offered))
+    if missing:
+        what = "; ".join(MODEL_CAPABILITIES.get(m, m) for m in missing)
+        hint = " (use cache=stack)" if missing == ["block_branches"] else ""
+        raise ConfigError(f"--accel {policy!r} needs {what}, which {type(model).__name__} does not offer{hint}")

@@ -91,6 +91,22 @@ def rel_l1_per_sample(a: torch.Tensor, b: torch.Tensor, batched: bool = False) -
     return (a - b).abs().mean(dim=1) / b.abs().mean(dim=1)
 
 
+def first_block_modulated_input(model: Any, tokens: torch.Tensor, c_act: torch.Tensor) -> torch.Tensor:
+    """TeaCache's signal: block 0's normalised, modulated input ``modulate(LN(x), shift, scale)``.
+
+    ``tokens [B, N, D]``, ``c_act [B, D]`` (the activated conditioning); a model adapter
+    whose first block is built differently supplies ``model.modulated_input(tokens, c_act)``
+    (diffusers' SD3 and FLUX: ``transformer_blocks[0].norm1`` on the image tokens, as in
+    TeaCache4FLUX).
+    """
+    own = getattr(model, "modulated_input", None)
+    if callable(own):
+        return own(tokens, c_act)
+    block = model.blocks[0]
+    shift, scale = block.modulation(c_act)[:2]
+    return modulate(block.norm1(tokens), shift, scale)
+
+
 class TeaCache(BlockPolicyBase):
     """Accumulated, rescaled change of the first block's modulated input (TeaCache).
 
@@ -138,9 +154,7 @@ class TeaCache(BlockPolicyBase):
     def decide_and_run(self, model, tokens, c_act, ctx, st):
         s = step_of(ctx)
         num_steps = getattr(ctx, "num_steps", None)
-        block = model.blocks[0]
-        shift, scale = block.modulation(c_act)[:2]
-        sig = modulate(block.norm1(tokens), shift, scale)
+        sig = first_block_modulated_input(model, tokens, c_act)
         prev = st.get("sig")
         st["sig"] = sig
         forced = (prev is None or s < self.warmup or (num_steps is not None and s == num_steps - 1)

@@ -62,6 +62,10 @@ class FORA(BlockPolicyBase):
         self.schedule = _choice(self.name, "schedule", schedule, SCHEDULES)
         self.warmup = _positive_int(self.name, "warmup", warmup, 0)
 
+    @property
+    def requires(self) -> frozenset[str]:
+        return frozenset({"block_branches"}) if self.cache == "blocks" else frozenset()
+
     def decide_and_run(self, model, tokens, c_act, ctx, st):
         s = step_of(ctx)
         full = ("cached" not in st or s < self.warmup

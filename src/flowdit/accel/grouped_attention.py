@@ -64,6 +64,7 @@ class GroupedAttention(BlockPolicyBase):
     """
 
     name = "grat"
+    requires = frozenset({"attention_processors"})
 
     def __init__(self, group: int = 2, mode: str = "criss", cfg: str = "batched"):
         super().__init__(cfg)

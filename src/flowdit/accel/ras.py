@@ -148,6 +148,7 @@ class RAS(BlockPolicyBase):
     """
 
     name = "ras"
+    requires = frozenset({"token_layout", "attention_processors"})
 
     def __init__(self, ratio: float = 0.5, starvation: float = 0.1, warmup: int = 4, dense: str = "12/22",
                  ref_steps: int = 30, high_ratio: float = 1.0, metric: str = "std", select: str = "code",

@@ -76,6 +76,10 @@ class TaylorSeer(BlockPolicyBase):
         """Whether a full call at index ``s`` drops the derivative estimates."""
         return s < (self.warmup if self.spaced else self.warmup - 1)
 
+    @property
+    def requires(self) -> frozenset[str]:
+        return frozenset({"block_branches"}) if self.cache == "blocks" else frozenset()
+
     def decide_and_run(self, model, tokens, c_act, ctx, st):
         s = step_of(ctx)
         fc = st.get("forecaster")

@@ -66,6 +66,7 @@ class ToMe(BlockPolicyBase):
     """
 
     name = "tome"
+    requires = frozenset({"token_layout"})
 
     def __init__(self, ratio: float = 0.3, cfg: str = "batched"):
         super().__init__(cfg)

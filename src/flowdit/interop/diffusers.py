@@ -1,0 +1,421 @@
+"""diffusers' SD3 and FLUX transformers as flowdit velocity models.
+
+``wrap_transformer(transformer)`` returns a module with flowdit's model signature,
+``model(x, t, y, ctx=None) -> v``:
+
+- ``x [B, C, H, W]``: the VAE latent (for FLUX the *unpacked* latent; the adapter packs
+  2 x 2 patches into FLUX's ``[B, HW/4, 4C]`` sequence and builds ``img_ids``);
+- ``t [B]`` (or a float): flowdit's time, which for both models *is* the scheduler's sigma
+  (t = 1 noise, t = 0 data); SD3 receives ``1000 t``, FLUX receives ``t`` (it scales by 1000
+  inside, as the pipeline's ``timestep / 1000`` undoes);
+- ``y``: a text condition, ``text_condition(prompt_embeds, pooled_prompt_embeds)``, a dict
+  that classifier-free guidance concatenates and swaps for the negative prompt's;
+- the output is the model's prediction, which both pipelines step with
+  ``x_next = x + (sigma_next - sigma) v``: exactly flowdit's velocity ``v = eps - x0``.
+
+The adapter is the one place that knows these models' internals. With a block policy in
+``ctx`` (flowdit's caches), the two token streams are joined into one sequence
+``[txt; img]`` of ``[B, L + N, D]`` and each joint or single-stream block becomes a callable
+``block(tokens, temb, ctx)``, so every stack-level policy (FORA and TaylorSeer with
+``cache=stack``, FBCache, TeaCache, confidence-gated Taylor, Delta-DiT) runs unchanged;
+per-block pre-gate caches and token-level policies are refused by name
+(``flowdit.accel.base.check_policy``). Without a policy the blocks run exactly as diffusers
+runs them.
+
+``scheduler_grid`` reads flowdit's time grid from the pipeline's own scheduler (SD3's
+static shift, FLUX's resolution-dependent ``mu``), and ``DiffusersBridge`` loads a local
+pipeline folder offline and samples or edits with flowdit's solvers and methods.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Optional, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from flowdit.accel.base import check_policy
+from flowdit.errors import ConfigError
+
+__all__ = [
+    "DiffusersTransformer",
+    "FluxTransformer",
+    "SD3Transformer",
+    "DiffusersBridge",
+    "require_diffusers",
+    "scheduler_grid",
+    "text_condition",
+    "wrap_transformer",
+]
+
+
+def require_diffusers():
+    """Import diffusers or fail in one line that names the extra to install."""
+    try:
+        import diffusers  # noqa: F401
+    except ImportError:  # pragma: no cover - exercised only without the extra
+        raise ConfigError("this needs diffusers: pip install 'flowdit[diffusers]'") from None
+    return diffusers
+
+
+def text_condition(prompt_embeds: Tensor, pooled_prompt_embeds: Tensor) -> dict[str, Tensor]:
+    """The condition ``y`` of a wrapped SD3 / FLUX transformer.
+
+    ``prompt_embeds [B, L, D_text]`` (the joint text-encoder sequence) and
+    ``pooled_prompt_embeds [B, P]`` (the pooled CLIP vectors), as the pipelines'
+    ``encode_prompt`` returns them.
+    """
+    if prompt_embeds.dim() != 3:
+        raise ConfigError(f"prompt_embeds must be [B, L, D], got shape {tuple(prompt_embeds.shape)}")
+    if pooled_prompt_embeds.dim() != 2 or pooled_prompt_embeds.shape[0] != prompt_embeds.shape[0]:
+        raise ConfigError(
+            f"pooled_prompt_embeds must be [B, P] with B = {prompt_embeds.shape[0]}, "
+            f"got shape {tuple(pooled_prompt_embeds.shape)}"
+        )
+    return {"encoder_hidden_states": prompt_embeds, "pooled_projections": pooled_prompt_embeds}
+
+
+@dataclass
+class _Call:
+    """What every block of the current model call shares (set by the adapter's forward)."""
+
+    n_txt: int = 0
+    rotary: Any = None
+
+
+class _StackBlock:
+    """One diffusers block as flowdit's ``block(tokens [B, L + N, D], temb [B, D], ctx)``.
+
+    The joined sequence is split into the text and image streams, the block runs as
+    diffusers runs it, and the streams are joined again. A block whose text output is
+    ``None`` (SD3's last block, ``context_pre_only``) passes the text tokens through; they
+    are not read afterwards.
+    """
+
+    def __init__(self, block: nn.Module, call: _Call, rotary: bool):
+        self.block, self._call, self._rotary = block, call, rotary
+
+    def __call__(self, tokens: Tensor, temb: Tensor, ctx: Any = None) -> Tensor:
+        n = self._call.n_txt
+        txt, img = tokens[:, :n].contiguous(), tokens[:, n:].contiguous()
+        kw = {"image_rotary_emb": self._call.rotary} if self._rotary else {}
+        txt_out, img_out = self.block(hidden_states=img, encoder_hidden_states=txt, temb=temb, **kw)
+        return torch.cat([txt if txt_out is None else txt_out, img_out], dim=1)
+
+
+class DiffusersTransformer(nn.Module):
+    """Common part of the SD3 and FLUX adapters (see the module docstring).
+
+    ``capabilities`` lists what flowdit's policies may rely on: only the block stack.
+    """
+
+    capabilities = frozenset()
+    family = "diffusers"
+
+    def __init__(self, transformer: nn.Module):
+        super().__init__()
+        self.transformer = transformer
+        self._call = _Call()
+        self.blocks: list[_StackBlock] = []
+        cfg = transformer.config
+        self.hidden_size = int(cfg.num_attention_heads * cfg.attention_head_dim)
+
+    @property
+    def null_class(self) -> None:
+        """Text models have no null label: guidance takes the negative prompt's condition."""
+        return None
+
+    # -- the pieces each family defines ------------------------------------------------
+
+    def embed(self, x: Tensor, t: Tensor, y: dict) -> tuple[Tensor, Tensor, Tensor]:
+        """Image tokens ``[B, N, D]``, text tokens ``[B, L, D]`` and ``temb [B, D]``; sets
+        the per-call state the blocks share."""
+        raise NotImplementedError
+
+    def raw_blocks(self) -> Sequence[nn.Module]:
+        raise NotImplementedError
+
+    def block_kwargs(self) -> dict:
+        return {}
+
+    def output(self, img: Tensor, temb: Tensor, x: Tensor) -> Tensor:
+        """The velocity ``[B, C, H, W]`` from the final image tokens."""
+        raise NotImplementedError
+
+    # -- flowdit's model interface -----------------------------------------------------
+
+    @staticmethod
+    def _check(x: Tensor, y: Any) -> None:
+        if not isinstance(y, dict) or not {"encoder_hidden_states", "pooled_projections"} <= set(y):
+            raise ConfigError("y must be text_condition(prompt_embeds, pooled_prompt_embeds)")
+        if x.dim() != 4:
+            raise ConfigError(f"x must be a latent [B, C, H, W], got shape {tuple(x.shape)}")
+
+    def forward(self, x: Tensor, t: Tensor | float, y: dict, ctx: Any = None) -> Tensor:
+        """Velocity ``v [B, C, H, W]`` at ``(x_t, t)`` for the text condition ``y``."""
+        self._check(x, y)
+        t = torch.as_tensor(t, device=x.device, dtype=torch.float32)
+        if t.dim() == 0:
+            t = t.expand(x.shape[0])
+        img, txt, temb = self.embed(x, t, y)
+        policy = getattr(ctx, "block_policy", None)
+        if policy is None:
+            kw = self.block_kwargs()
+            for block in self.raw_blocks():
+                txt, img = block(hidden_states=img, encoder_hidden_states=txt, temb=temb, **kw)
+        else:
+            check_policy(self, policy)
+            tokens = policy.run(self, torch.cat([txt, img], dim=1), temb, ctx)
+            img = tokens[:, txt.shape[1]:]
+        return self.output(img, temb, x).to(x.dtype)
+
+    def modulated_input(self, tokens: Tensor, temb: Tensor) -> Tensor:
+        """TeaCache's signal: the first block's ``norm1`` applied to the image tokens of the
+        joined sequence ``tokens [B, L + N, D]`` (TeaCache4FLUX, ``transformer_blocks[0].norm1``)."""
+        img = tokens[:, self._call.n_txt:].contiguous()
+        return self.raw_blocks()[0].norm1(img, emb=temb)[0]
+
+    def block_flops(self, n_query: int, n_key: Optional[int] = None) -> float:
+        """Multiply-add FLOPs (2 per MAC) of one block for one batch row on ``n_query``
+        tokens of the joined sequence: QKV and output projections ``8 n D^2``, attention
+        ``4 n n_k D`` and a 4x MLP ``16 n D^2``, plus the modulation; the same count as
+        flowdit's DiT block, an average over joint and single-stream blocks."""
+        d = self.hidden_size
+        n_key = n_query if n_key is None else n_key
+        return 8.0 * n_query * d * d + 4.0 * n_query * n_key * d + 16.0 * n_query * d * d + 12.0 * d * d
+
+    @property
+    def config(self):
+        return self.transformer.config
+
+
+class SD3Transformer(DiffusersTransformer):
+    """``SD3Transformer2DModel`` (MMDiT, Esser et al. 2024) as a flowdit velocity model."""
+
+    family = "sd3"
+
+    def __init__(self, transformer: nn.Module):
+        super().__init__(transformer)
+        self.blocks = [_StackBlock(b, self._call, rotary=False) for b in transformer.transformer_blocks]
+        self.patch_size = int(transformer.config.patch_size)
+
+    def raw_blocks(self):
+        return self.transformer.transformer_blocks
+
+    def embed(self, x, t, y):
+        tr = self.transformer
+        img = tr.pos_embed(x).contiguous()
+        # The pipeline feeds the scheduler's timesteps, sigma * num_train_timesteps (1000).
+        temb = tr.time_text_embed(t.to(x.dtype) * 1000, y["pooled_projections"])
+        txt = tr.context_embedder(y["encoder_hidden_states"])
+        self._call.n_txt = txt.shape[1]
+        return img, txt, temb
+
+    def output(self, img, temb, x):
+        tr = self.transformer
+        out = tr.proj_out(tr.norm_out(img, temb))
+        p, c = self.patch_size, tr.out_channels
+        h, w = x.shape[-2] // p, x.shape[-1] // p
+        out = out.reshape(out.shape[0], h, w, p, p, c)
+        return torch.einsum("nhwpqc->nchpwq", out).reshape(out.shape[0], c, h * p, w * p)
+
+
+def flux_image_ids(height: int, width: int, device=None, dtype=torch.float32) -> Tensor:
+    """FLUX's image position ids ``[h w, 3]`` for a packed latent of ``height x width``
+    patches: ``(0, row, column)``, as ``FluxPipeline._prepare_latent_image_ids``."""
+    ids = torch.zeros(height, width, 3)
+    ids[..., 1] += torch.arange(height)[:, None]
+    ids[..., 2] += torch.arange(width)[None, :]
+    return ids.reshape(height * width, 3).to(device=device, dtype=dtype)
+
+
+def pack_flux_latents(x: Tensor) -> Tensor:
+    """``[B, C, H, W] -> [B, (H/2)(W/2), 4C]``: FLUX's 2 x 2 patch sequence."""
+    b, c, h, w = x.shape
+    if h % 2 or w % 2:
+        raise ConfigError(f"FLUX latents need an even height and width, got {h} x {w}")
+    x = x.view(b, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5)
+    return x.reshape(b, (h // 2) * (w // 2), c * 4)
+
+
+def unpack_flux_latents(seq: Tensor, height: int, width: int) -> Tensor:
+    """Inverse of ``pack_flux_latents``: ``[B, (H/2)(W/2), 4C] -> [B, C, H, W]``."""
+    b, _, c4 = seq.shape
+    x = seq.view(b, height // 2, width // 2, c4 // 4, 2, 2).permute(0, 3, 1, 4, 2, 5)
+    return x.reshape(b, c4 // 4, height, width)
+
+
+class FluxTransformer(DiffusersTransformer):
+    """``FluxTransformer2DModel`` as a flowdit velocity model.
+
+    Args:
+        transformer: the diffusers model (``in_channels`` is 4x the VAE's channels).
+        guidance: the distilled guidance scale FLUX-dev embeds (``guidance_embeds=True``;
+            the pipeline's ``guidance_scale``, 3.5 by default); must be ``None`` for models
+            without the embedding. True classifier-free guidance (the pipeline's
+            ``true_cfg_scale``) is flowdit's ordinary CFG with a negative prompt.
+    """
+
+    family = "flux"
+
+    def __init__(self, transformer: nn.Module, guidance: Optional[float] = None):
+        super().__init__(transformer)
+        embeds = bool(getattr(transformer.config, "guidance_embeds", False))
+        if embeds and guidance is None:
+            guidance = 3.5
+        if not embeds and guidance is not None:
+            raise ConfigError("guidance: this FLUX model has no guidance embedding (guidance_embeds=False); "
+                              "use classifier-free guidance (cfg) instead")
+        self.guidance = None if guidance is None else float(guidance)
+        self.blocks = [_StackBlock(b, self._call, rotary=True)
+                       for b in (*transformer.transformer_blocks, *transformer.single_transformer_blocks)]
+
+    def raw_blocks(self):
+        return (*self.transformer.transformer_blocks, *self.transformer.single_transformer_blocks)
+
+    def block_kwargs(self):
+        return {"image_rotary_emb": self._call.rotary}
+
+    def embed(self, x, t, y):
+        tr = self.transformer
+        b, _, h, w = x.shape
+        img = tr.x_embedder(pack_flux_latents(x))
+        dtype = img.dtype
+        timestep = t.to(dtype) * 1000
+        if self.guidance is None:
+            temb = tr.time_text_embed(timestep, y["pooled_projections"])
+        else:
+            g = torch.full((b,), self.guidance, device=x.device, dtype=dtype) * 1000
+            temb = tr.time_text_embed(timestep, g, y["pooled_projections"])
+        txt = tr.context_embedder(y["encoder_hidden_states"])
+        txt_ids = torch.zeros(txt.shape[1], 3, device=x.device, dtype=dtype)
+        ids = torch.cat([txt_ids, flux_image_ids(h // 2, w // 2, x.device, dtype)], dim=0)
+        self._call.rotary = tr.pos_embed(ids)
+        self._call.n_txt = txt.shape[1]
+        return img, txt, temb
+
+    def output(self, img, temb, x):
+        tr = self.transformer
+        seq = tr.proj_out(tr.norm_out(img, temb))
+        return unpack_flux_latents(seq, x.shape[-2], x.shape[-1])
+
+
+def wrap_transformer(transformer: nn.Module, **kwargs) -> DiffusersTransformer:
+    """Wrap a diffusers ``SD3Transformer2DModel`` or ``FluxTransformer2DModel``."""
+    name = type(transformer).__name__
+    if name == "SD3Transformer2DModel":
+        return SD3Transformer(transformer, **kwargs)
+    if name == "FluxTransformer2DModel":
+        return FluxTransformer(transformer, **kwargs)
+    raise ConfigError(f"no flowdit adapter for {name}; supported: SD3Transformer2DModel, FluxTransformer2DModel")
+
+
+def scheduler_grid(scheduler: Any, num_steps: int, image_seq_len: Optional[int] = None) -> Tensor:
+    """flowdit's time grid ``[N + 1]`` (float64, 1 -> 0) from a pipeline's flow-matching scheduler.
+
+    Calls ``set_timesteps`` as the pipeline does and returns ``scheduler.sigmas`` (which end
+    in 0): SD3 uses its static ``shift`` (3.0) on the default grid; FLUX passes
+    ``sigmas = linspace(1, 1/N, N)`` and, with ``use_dynamic_shifting``, the exponential
+    shift ``mu = calculate_shift(image_seq_len, ...)`` from the scheduler's config
+    (``image_seq_len`` = packed latent tokens, ``(H/2)(W/2)``).
+    """
+    import numpy as np
+
+    if not isinstance(num_steps, int) or num_steps < 1:
+        raise ConfigError(f"steps must be an integer >= 1, got {num_steps!r}")
+    cfg = scheduler.config
+    if cfg.get("use_dynamic_shifting", False):
+        if image_seq_len is None:
+            raise ConfigError("image_seq_len is needed for a scheduler with use_dynamic_shifting (FLUX)")
+        from diffusers.pipelines.flux.pipeline_flux import calculate_shift
+
+        mu = calculate_shift(image_seq_len, cfg.get("base_image_seq_len", 256), cfg.get("max_image_seq_len", 4096),
+                             cfg.get("base_shift", 0.5), cfg.get("max_shift", 1.15))
+        scheduler.set_timesteps(sigmas=np.linspace(1.0, 1 / num_steps, num_steps), mu=mu)
+    else:
+        scheduler.set_timesteps(num_steps)
+    return scheduler.sigmas.detach().to("cpu", torch.float64)
+
+
+class DiffusersBridge:
+    """A local diffusers pipeline folder, sampled with flowdit's solvers, guidance and caches.
+
+    ``DiffusersBridge.from_pretrained(path)`` loads the pipeline offline
+    (``local_files_only``); ``bridge.model`` is the wrapped transformer, ``bridge.grid(n,
+    height, width)`` the pipeline's time grid, ``bridge.encode(prompts)`` the text condition
+    and ``bridge.sample(...)`` a full text-to-latent run.
+    """
+
+    def __init__(self, pipeline: Any, guidance: Optional[float] = None):
+        self.pipeline = pipeline
+        kw = {"guidance": guidance} if type(pipeline.transformer).__name__ == "FluxTransformer2DModel" else {}
+        self.model = wrap_transformer(pipeline.transformer, **kw)
+
+    @classmethod
+    def from_pretrained(cls, path: str, torch_dtype: Optional[torch.dtype] = None, **kw) -> "DiffusersBridge":
+        """Load the pipeline in ``path`` without network access."""
+        import os
+
+        diffusers = require_diffusers()
+        if not os.path.isdir(path):
+            raise ConfigError(f"--diffusers: {path} is not a folder")
+        if not os.path.isfile(os.path.join(path, "model_index.json")):
+            raise ConfigError(f"--diffusers: {path} has no model_index.json (not a diffusers pipeline folder)")
+        import json
+
+        try:
+            with open(os.path.join(path, "model_index.json")) as f:
+                index = json.load(f)
+        except (OSError, ValueError) as err:
+            raise ConfigError(f"--diffusers: {path}/model_index.json is unreadable: {err}") from None
+        # Components saved as absent (a pipeline without its VAE or text encoders, for
+        # sampling from given embeddings) load as absent.
+        absent = {k: None for k, v in index.items()
+                  if not k.startswith("_") and isinstance(v, list) and all(x is None for x in v)}
+        pipe = diffusers.DiffusionPipeline.from_pretrained(path, torch_dtype=torch_dtype, local_files_only=True,
+                                                           **absent)
+        return cls(pipe, **kw)
+
+    @property
+    def latent_channels(self) -> int:
+        tr = self.pipeline.transformer
+        return tr.config.in_channels // 4 if self.model.family == "flux" else tr.config.in_channels
+
+    def grid(self, num_steps: int, height: int, width: int) -> Tensor:
+        """The pipeline's time grid for a latent of ``height x width``."""
+        seq = (height // 2) * (width // 2)
+        return scheduler_grid(self.pipeline.scheduler, num_steps, image_seq_len=seq)
+
+    def encode(self, prompts: Sequence[str], device=None) -> dict[str, Tensor]:
+        """The text condition of ``prompts`` by the pipeline's own text encoders."""
+        pipe = self.pipeline
+        if self.model.family == "flux":
+            embeds, pooled, _ = pipe.encode_prompt(prompt=list(prompts), prompt_2=None, device=device)
+        else:
+            embeds, _, pooled, _ = pipe.encode_prompt(prompt=list(prompts), prompt_2=None, prompt_3=None,
+                                                      device=device, do_classifier_free_guidance=False)
+        return text_condition(embeds, pooled)
+
+    def sample(self, noise: Tensor, cond: dict, negative: Optional[dict] = None, cfg: float = 1.0,
+               solver: str = "euler", steps: int = 28, accel: Any = None, progress: bool = False) -> Tensor:
+        """Integrate from ``noise [B, C, H, W]`` (latent) to a latent with flowdit's ``solver``
+        on the pipeline's grid; ``cfg > 1`` needs the ``negative`` condition. ``accel`` is a
+        policy spec or object (``flowdit.accel.build_policy``)."""
+        from flowdit.accel import build_policy
+        from flowdit.sampling.context import StepContext
+        from flowdit.sampling.guidance import cfg_velocity
+        from flowdit.sampling.sample import sample
+
+        if cfg != 1.0 and negative is None:
+            raise ConfigError("cfg != 1 needs a negative prompt condition")
+        policy = build_policy(accel) if isinstance(accel, str) else accel
+        ctx = StepContext(block_policy=policy)
+        if cfg == 1.0:
+            def fn(x, t):
+                ctx.branch = "cond"
+                return self.model(x, t, cond, ctx=ctx)
+        else:
+            fn = cfg_velocity(self.model, cond, negative, cfg, ctx=ctx)
+        grid = self.grid(steps, noise.shape[-2], noise.shape[-1])
+        return sample(fn, noise, solver=solver, schedule=grid, step_context=ctx, progress=progress).x
