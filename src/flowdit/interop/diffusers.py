@@ -24,7 +24,7 @@ runs them.
 
 ``scheduler_grid`` reads flowdit's time grid from the pipeline's own scheduler (SD3's
 static shift, FLUX's resolution-dependent ``mu``), and ``DiffusersBridge`` loads a local
-pipeline folder offline and samples or edits with flowdit's solvers and methods.
+pipeline folder offline and samples (or inverts) with flowdit's solvers, guidance and caches.
 """
 
 from __future__ import annotations
@@ -359,16 +359,16 @@ class DiffusersBridge:
 
         diffusers = require_diffusers()
         if not os.path.isdir(path):
-            raise ConfigError(f"--diffusers: {path} is not a folder")
+            raise ConfigError(f"pipeline folder {path} does not exist or is not a folder")
         if not os.path.isfile(os.path.join(path, "model_index.json")):
-            raise ConfigError(f"--diffusers: {path} has no model_index.json (not a diffusers pipeline folder)")
+            raise ConfigError(f"pipeline folder {path} has no model_index.json (not a diffusers pipeline folder)")
         import json
 
         try:
             with open(os.path.join(path, "model_index.json")) as f:
                 index = json.load(f)
         except (OSError, ValueError) as err:
-            raise ConfigError(f"--diffusers: {path}/model_index.json is unreadable: {err}") from None
+            raise ConfigError(f"pipeline folder {path}: model_index.json is unreadable: {err}") from None
         # Components saved as absent (a pipeline without its VAE or text encoders, for
         # sampling from given embeddings) load as absent.
         absent = {k: None for k, v in index.items()
