@@ -73,7 +73,10 @@ def cases(model) -> dict[str, torch.Tensor]:
     from flowdit.edit import (build_operator, invert_images, measure, regenerate_images, restore_images,
                               rf_edit, rf_inversion)
     from flowdit.sampling import ADAPTIVE_METHODS, SOLVERS
-    from flowdit.sampling.generate import generate, indexed_noise
+    try:
+        from flowdit.inference import generate, indexed_noise
+    except ImportError:  # the layout before flowdit.inference
+        from flowdit.sampling.generate import generate, indexed_noise
 
     out: dict[str, torch.Tensor] = {}
     labels = torch.arange(NUM) % model.num_classes

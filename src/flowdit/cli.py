@@ -233,7 +233,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_sample(args: argparse.Namespace) -> int:
     import torch
 
-    from .sampling.generate import generate
+    from .inference import generate
     from .train.outputs import balanced_labels
     from .train.run import load_run_model
     from .train.trainer import autocast_dtype
@@ -608,7 +608,7 @@ def cmd_restore(args: argparse.Namespace) -> int:
     from .edit.flowchef import restore_images
     from .edit.operators import Inpaint, build_operator, measure
     from .eval.pixel import psnr, ssim
-    from .sampling.generate import indexed_noise
+    from .inference import indexed_noise
 
     out = _check_out(args.out, (".png", ".npz"))
     degraded_out = _check_out(args.degraded, (".png", ".npz"), "--degraded") if args.degraded else None
