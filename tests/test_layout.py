@@ -1,4 +1,4 @@
-"""The package layers: core -> models -> sampling -> inference -> methods -> train / bench -> cli.
+"""The package layers: core -> models -> sampling -> inference -> methods -> train / bench / interop -> cli.
 
 A subpackage imports only subpackages of lower layers (at any depth, lazy imports
 included), so that, for example, loading a model never pulls in the trainer.
@@ -19,7 +19,8 @@ LAYERS = {
     "sampling": 3,
     "inference": 4,
     "accel": 5, "edit": 5, "distill": 5, "eval": 5, "evaluate": 5,
-    "train": 6, "bench": 6,
+    # Adapters of other libraries' models to flowdit's sampling loop and block policies.
+    "train": 6, "bench": 6, "interop": 6,
     "cli": 7,
 }
 # Same-layer imports that are part of the design: scoring samples uses the networks.
