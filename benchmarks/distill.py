@@ -34,13 +34,9 @@ import torch
 from common import RESULTS, machine_info, write_results
 from flowdit.distill import load_pairs, straightness, transport_cost
 from flowdit.evaluate import evaluate_samples
-from flowdit.sampling.generate import generate
-from flowdit.sampling.guidance import cfg_velocity
+from flowdit.inference import balanced_labels, generate, load_run_model, model_velocity
 from flowdit.sampling.sample import sample
 from flowdit.sampling.solvers import build_solver
-from flowdit.train.outputs import balanced_labels
-from flowdit.train.run import load_run_model
-from flowdit.utils.precision import autocast
 
 METRICS = ("fid", "fid_guide", "precision", "recall", "class_accuracy")
 
@@ -90,11 +86,7 @@ def coupling_metrics(model, solver, cfg, pairs, n, nfe_list, straight_steps, amp
     """Straightness of the model's flow from the pairs' noise, and the mean squared error per
     dimension of its k-NFE samples to the teacher's endpoints."""
     z, y, target = pairs.noise[:n], pairs.label[:n], pairs.sample[:n]
-    guided = cfg_velocity(model, y, model.null_class, cfg)
-
-    def fn(x, t):
-        with autocast("cpu", amp_dtype):
-            return guided(x, t).float()
+    fn = model_velocity(model, y, cfg, amp_dtype)
 
     out = {"straightness": straightness(fn, z, solver="euler", steps=straight_steps).straightness}
     for k in nfe_list:

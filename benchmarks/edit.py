@@ -48,10 +48,9 @@ from flowdit.edit import (
 )
 from flowdit.eval.evaluator import load_classifier, predict
 from flowdit.eval.pixel import psnr, ssim
-from flowdit.sampling.generate import indexed_noise
+from flowdit.inference import indexed_noise, load_run_model
 from flowdit.sampling.solvers import build_solver
-from flowdit.train.run import load_run_model
-from flowdit.train.trainer import autocast_dtype
+from flowdit.utils.precision import autocast_dtype
 
 LABELS = {"euler": "Euler", "rf2": "RF-Solver-2", "fireflow": "FireFlow"}
 

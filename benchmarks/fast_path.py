@@ -18,9 +18,7 @@ import torch
 
 from common import machine_info, write_results
 from flowdit.evaluate import evaluate_samples
-from flowdit.sampling.generate import generate
-from flowdit.train.outputs import balanced_labels
-from flowdit.train.run import load_run_model
+from flowdit.inference import balanced_labels, generate, load_run_model
 
 
 def main() -> None:

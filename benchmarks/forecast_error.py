@@ -25,8 +25,7 @@ import torch
 
 from common import machine_info, write_results
 from flowdit.accel.base import BlockPolicyBase
-from flowdit.sampling.generate import generate
-from flowdit.train.run import load_run_model
+from flowdit.inference import generate, load_run_model
 
 
 class Recorder(BlockPolicyBase):

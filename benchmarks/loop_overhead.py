@@ -21,7 +21,7 @@ import torch
 
 from common import machine_info, timed, write_results
 from flowdit.models.registry import build_model
-from flowdit.sampling.generate import generate, indexed_noise
+from flowdit.inference import generate, indexed_noise
 
 SHAPES = {"DiT-mnist": (1, 28), "DiT-mnist/2": (1, 28), "DiT-digits": (1, 8), "DiT-S/2": (4, 32), "DiT-B/2": (4, 32)}
 

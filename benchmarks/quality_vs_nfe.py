@@ -24,7 +24,6 @@ autocast (the model's weights stay fp32).
 from __future__ import annotations
 
 import argparse
-import json
 import shlex
 import statistics
 import sys
@@ -33,13 +32,12 @@ import time
 import torch
 
 from common import RESULTS, machine_info, write_results
+from flowdit.bench.cells import JsonlCells
+from flowdit.checkpoint_io import tensors_checksum
 from flowdit.data import build_dataset
 from flowdit.evaluate import evaluate_samples
-from flowdit.sampling.generate import generate
+from flowdit.inference import balanced_labels, generate, load_run_model
 from flowdit.sampling.solvers import build_solver
-from flowdit.train.outputs import balanced_labels
-from flowdit.train.checkpoint import tensors_checksum
-from flowdit.train.run import load_run_model
 
 LABELS = {"euler": "Euler", "heun": "Heun", "midpoint": "midpoint / RF-Solver-2", "rf2": "RF-Solver-2",
           "rf3": "RF-Solver-3", "dopri5": "dopri5"}
@@ -149,30 +147,22 @@ def main() -> None:
     weights = tensors_checksum(args.run)
     setting = {"run": args.run, "weights": weights, "num": args.num, "seeds": seeds, "precision": args.precision,
                "compile": args.compile}
-    done_cells = {}
-    if cells_path.exists() and not args.fresh:
-        for line in cells_path.read_text().splitlines():
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError:  # the line a killed run was writing
-                continue
-            if rec.pop("setting", None) == setting:
-                done_cells[(rec["solver"], rec["steps"], rec["cfg"], rec.get("tol"))] = rec
+    existed = cells_path.exists()
+    done_cells = JsonlCells(cells_path, setting, key=lambda r: (r["solver"], r["steps"], r["cfg"], r.get("tol")),
+                            fresh=args.fresh)
+    if existed and not args.fresh:
         print(f"reusing {len(done_cells)} finished cells from {cells_path}", flush=True)
-    elif cells_path.exists():
-        cells_path.unlink()
 
     def run_cell(solver, steps, cfg, tol=None):
-        key = (solver, steps, cfg, tol)
-        if key in done_cells:
-            return done_cells[key]
+        hit = done_cells.get((solver, steps, cfg, tol))
+        if hit is not None:
+            return hit
         if args.from_cells:
             missing.append(f"{LABELS.get(solver, solver)} CFG {cfg:g} " + (f"tol {tol:g}" if tol else f"{steps} steps"))
             return None
         r = cell(model, meta, solver, steps, cfg, args.num, seeds, dataset, root, tol=tol or 1e-4,
                  amp_dtype=amp_dtype)
-        with open(cells_path, "a") as f:
-            f.write(json.dumps({**r, "setting": setting}) + "\n")
+        done_cells.put(r)
         return r
 
     rows, missing = [], []

@@ -59,7 +59,7 @@ def sweep(model, meta, labels, coeffs, thresholds, args, device) -> list[dict]:
     """Full calls per sample and PSNR to the uncached images for each TeaCache threshold."""
     from flowdit.accel import FullCompute, TeaCache
     from flowdit.eval.pixel import psnr
-    from flowdit.sampling.generate import generate
+    from flowdit.inference import generate
 
     def run(policy):
         return generate(model, labels, tuple(meta["data"]["shape"]), solver=args.solver, steps=args.steps,
@@ -90,8 +90,7 @@ def main(argv=None) -> int:
             thresholds = [float(t) for t in args.thresholds.split(",") if t.strip()]
         except ValueError:
             raise ConfigError(f"--thresholds must be numbers separated by ',', got {args.thresholds!r}") from None
-        from flowdit.train.outputs import balanced_labels
-        from flowdit.train.run import load_run_model
+        from flowdit.inference import balanced_labels, load_run_model
 
         if not Path(args.run).exists():
             raise ConfigError(f"--run: {args.run} does not exist")

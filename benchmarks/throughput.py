@@ -20,7 +20,7 @@ import tempfile
 import torch
 
 from common import machine_info, timed, write_results
-from flowdit.sampling.generate import generate
+from flowdit.inference import generate
 from flowdit.train.config import RunConfig
 from flowdit.train.trainer import Trainer
 from flowdit.utils.config import load_config

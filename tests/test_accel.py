@@ -22,7 +22,7 @@ from flowdit.accel.base import BlockPolicyBase
 from flowdit.errors import ConfigError
 from flowdit.models.registry import build_model
 from flowdit.sampling.context import StepContext
-from flowdit.sampling.generate import generate
+from flowdit.inference import generate
 
 
 @pytest.fixture(scope="module")
@@ -494,7 +494,7 @@ def test_bench_accel_interleaves_measurements_batch_by_batch(monkeypatch):
     """Every measurement of a seed samples batch ``b`` before any samples batch ``b + 1``,
     in alternating order, and each batch draws the noise of its own sample indices."""
     from flowdit.bench import accel as bench
-    from flowdit.sampling.generate import Generated
+    from flowdit.inference import Generated
 
     seen = []
 

@@ -224,7 +224,7 @@ def test_bf16_fast_path_samples_match_fp32():
     """The whole sampler under bf16 autocast (weights fp32, the loop's state fp32) lands
     within a few percent of the fp32 samples: errors of one evaluation do not compound
     along a guided 8-step Heun trajectory."""
-    from flowdit.sampling.generate import generate
+    from flowdit.inference import generate
 
     model = _trained_like(build_model("DiT-tiny", 8, 3, 10))
     labels = torch.arange(16) % 10

@@ -29,7 +29,7 @@ from flowdit.accel.gated_taylor import GatedTaylor
 from flowdit.models.layers import modulate
 from flowdit.models.registry import build_model
 from flowdit.sampling.context import StepContext
-from flowdit.sampling.generate import generate
+from flowdit.inference import generate
 
 LABELS = torch.tensor([0, 1, 2, 0])
 STEPS = 16

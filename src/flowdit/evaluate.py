@@ -43,6 +43,7 @@ from .errors import DataError
 from .eval.evaluator import WEIGHTS_DIR, load_classifier, predict
 from .eval.fid import feature_statistics, frechet_distance
 from .eval.prdc import precision_recall
+from .utils.files import atomic_write
 
 
 def cache_dir() -> Path:
@@ -85,14 +86,7 @@ def reference_features(dataset: str, root: Optional[str], split: str, kind: str,
     feats = feats.numpy().astype(np.float32)
     mu, sigma = feature_statistics(feats)
     out = {"features": feats, "mu": mu, "sigma": sigma, "labels": y.numpy()}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp.npz")  # renamed into place whole
-    try:
-        np.savez(tmp, **out)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    atomic_write(path, lambda f: np.savez(f, **out))
     return out
 
 

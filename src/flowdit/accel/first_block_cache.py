@@ -261,7 +261,7 @@ def calibrate_teacache_model(model: torch.nn.Module, labels: torch.Tensor, shape
 
     The authors fit on uncached runs of 70 prompts, every step of each; here a prompt
     is a class label: ``labels [N]`` are sampled without caching by
-    ``flowdit.sampling.generate`` with the given solver, steps, guidance and seed, every
+    ``flowdit.inference.generate`` with the given solver, steps, guidance and seed, every
     consecutive pair of model calls of every sample gives one ``(x, y)`` pair
     (``teacache_pairs``), and a degree-``degree`` polynomial is fitted to all of them.
     The polynomial depends on the step count and solver (they set the change per call),
@@ -272,7 +272,7 @@ def calibrate_teacache_model(model: torch.nn.Module, labels: torch.Tensor, shape
     fit, the ranges of ``x`` and ``y``, the settings, and ``data`` (the ``[P, 3]`` pairs
     ``(call, x, y)`` as a list).
     """
-    from flowdit.sampling.generate import generate
+    from flowdit.inference import generate
 
     policy = TeaCache()
 

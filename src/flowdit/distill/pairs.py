@@ -7,7 +7,7 @@ noise (flowdit's t = 1) and ``Z_0 = ODE(Z_1)`` the sample it integrates to (t = 
 Pairs are written to a directory as shards of ``shard_size`` consecutive indices, each a
 safetensors file (``noise``, ``sample``: float32 ``[n, C, H, W]``; ``label``, ``index``:
 int64 ``[n]``) with a JSON sidecar holding its SHA-256. The noise of index ``i`` is a
-function of ``(seed, i)`` alone (:func:`flowdit.sampling.generate.indexed_noise`) and label
+function of ``(seed, i)`` alone (:func:`flowdit.inference.indexed_noise`) and label
 ``i`` is ``i mod num_classes``, so the data set is the same whatever the shard size, the
 number of processes or the number of interruptions. A shard is written atomically; a run
 started again skips every shard whose file matches its sidecar, so nothing is duplicated
@@ -29,9 +29,9 @@ from safetensors.torch import save as st_save
 from tqdm.auto import tqdm
 
 from ..errors import ConfigError, DataError
-from ..sampling.generate import indexed_noise
+from ..inference.generate import indexed_noise
+from ..inference.velocity import model_velocity
 from ..utils.files import atomic_write, sha256_file
-from ..utils.precision import autocast
 
 __all__ = ["Pairs", "write_pairs", "load_pairs", "model_sampler"]
 
@@ -176,22 +176,15 @@ def model_sampler(model: torch.nn.Module, solver: str = "rf2", steps: int = 8, c
     with classifier-free guidance folded into the coupling when ``cfg_scale != 1``
     (as InstaFlow folds text guidance into its pairs)."""
 
-    from ..sampling.guidance import cfg_velocity
     from ..sampling.sample import sample
 
     device = torch.device(device)
     model.eval()
 
     def fn(noise: torch.Tensor, labels: Optional[torch.Tensor]) -> torch.Tensor:
-        if labels is None:
-            guided = lambda x, t: model(x, t, None)  # noqa: E731
-        else:
-            guided = cfg_velocity(model, labels.to(device), model.null_class, cfg_scale)
-
-        def velocity(x, t):
-            with autocast(device.type, amp_dtype):
-                return guided(x, t).float()
-
+        # Unlabelled pairs come from the null class, unguided.
+        y = None if labels is None else labels.to(device)
+        velocity = model_velocity(model, y, cfg_scale if labels is not None else 1.0, amp_dtype)
         return sample(velocity, noise.to(device), solver=solver, steps=steps).x.cpu()
 
     return fn

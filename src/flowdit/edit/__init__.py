@@ -1,7 +1,7 @@
 """Inversion and editing: RF-Solver / FireFlow inversion, RF-Edit feature sharing,
 RF-Inversion's controlled ODEs, and FlowChef steering for inverse problems.
 
-Layering: imports ``sampling``, ``models`` and ``core`` only.
+Layering: imports ``inference``, ``sampling``, ``models`` and ``core`` only.
 """
 
 from flowdit.edit.flowchef import (

@@ -53,10 +53,11 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from flowdit.errors import ConfigError
+from flowdit.inference.velocity import model_velocity
 from flowdit.sampling.sample import SampleResult, sample
 from flowdit.sampling.solvers import Solver, call_velocity
 
-from .inversion import model_velocity, sampling_grid
+from .inversion import sampling_grid
 from .operators import Inpaint, LinearOperator
 
 __all__ = ["FlowChefSolver", "ClassifierGuidanceSolver", "ReplacementSolver", "restore", "restore_images",

@@ -11,18 +11,16 @@ null-text inversion, Mokady et al. 2023).
 
 from __future__ import annotations
 
-import functools
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 import torch
 from torch import Tensor
 
 from flowdit.errors import ConfigError
-from flowdit.sampling.guidance import cfg_velocity
+from flowdit.inference.velocity import model_velocity  # noqa: F401  (re-exported: flowdit.edit.model_velocity)
 from flowdit.sampling.sample import SampleResult, sample
 from flowdit.sampling.schedules import shifted
 from flowdit.sampling.solvers import ModelFn
-from flowdit.utils.precision import autocast
 
 __all__ = ["sampling_grid", "inversion_grid", "invert", "regenerate", "model_velocity", "invert_images",
            "regenerate_images"]
@@ -63,35 +61,6 @@ def regenerate(model_fn: ModelFn, noise: Tensor, solver: Any = "rf2", steps: int
     the inverse of :func:`invert` up to the solver's discretisation error."""
     return sample(model_fn, noise, solver=solver, schedule=sampling_grid(steps, shift),
                   return_trajectory=return_trajectory, grad=grad)
-
-
-def model_velocity(model: Callable, y: Any, cfg_scale: float = 1.0, amp_dtype: Optional[torch.dtype] = None,
-                   ctx: Any = None) -> ModelFn:
-    """Velocity function ``fn(x [B, ...], t [B]) -> v`` (float32) of a class-conditional model.
-
-    ``y [B]`` are class indices (``None``: the null class); ``cfg_scale`` 1 runs the
-    conditional rows only. ``ctx`` is handed to ``model(x, t, y, ctx=ctx)`` (attention
-    processors read it, e.g. RF-Edit's feature store); ``amp_dtype`` runs the model
-    under autocast while the ODE state stays float32.
-    """
-    null = getattr(model, "null_class", None)
-    if y is None:
-        if null is None:
-            raise ConfigError("y=None needs a model with a null_class attribute")
-        y = torch.full((1,), null, dtype=torch.long)
-    call = functools.partial(model, ctx=ctx) if ctx is not None else model
-    fn = cfg_velocity(call, y, null if null is not None else 0, cfg_scale)
-
-    def velocity(x: Tensor, t: Tensor) -> Tensor:
-        if fn.y.shape[0] != x.shape[0]:
-            fn.y = fn.y.to(x.device).expand(x.shape[0])
-            fn.null = fn.null.to(x.device).expand(x.shape[0])
-        amp = autocast(x.device.type, amp_dtype)
-        with amp:
-            return fn(x, t).float()
-
-    velocity.guided = fn  # exposes the CFG wrapper's forward counter
-    return velocity
 
 
 def _check_batch(images: Tensor, labels: Optional[Tensor]) -> None:

@@ -39,11 +39,12 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from flowdit.errors import ConfigError
+from flowdit.inference.velocity import model_velocity
 from flowdit.models.attention import merge_heads, qkv_heads
+from flowdit.sampling.sample import sample
 from flowdit.sampling.solvers import Solver, build_solver
 
-from .inversion import inversion_grid, model_velocity, sampling_grid
-from flowdit.sampling.sample import sample
+from .inversion import inversion_grid, sampling_grid
 
 __all__ = ["EditContext", "VFeatureProcessor", "KeyedSolver", "feature_sharing", "rf_edit", "EditResult",
            "default_edit_blocks", "edit_blocks"]

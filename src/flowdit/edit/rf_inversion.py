@@ -36,10 +36,11 @@ import torch
 from torch import Tensor
 
 from flowdit.errors import ConfigError
+from flowdit.inference.velocity import model_velocity
 from flowdit.sampling.sample import sample
 from flowdit.sampling.solvers import ModelFn
 
-from .inversion import inversion_grid, model_velocity, sampling_grid
+from .inversion import inversion_grid, sampling_grid
 
 __all__ = ["controlled_forward_field", "controlled_reverse_field", "paper_forward_field", "paper_reverse_field",
            "rf_inversion", "RFInversionResult"]

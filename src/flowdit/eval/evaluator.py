@@ -11,18 +11,18 @@ is refused.
 from __future__ import annotations
 
 import json
-import os
 import time
 from pathlib import Path
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
+from safetensors.torch import save as st_save
 from tqdm.auto import tqdm
 
 from ..errors import CheckpointError, DataError
-from ..utils.files import sha256_file
+from ..utils.files import atomic_write, atomic_write_text, sha256_file
 from .networks import NETWORKS
 
 WEIGHTS_DIR = Path(__file__).parent / "weights"
@@ -131,16 +131,12 @@ def save_classifier(net: torch.nn.Module, dataset: str, record: dict, weights_di
     weights_dir.mkdir(parents=True, exist_ok=True)
     kind = record["kind"]
     path = weights_dir / f"{dataset}_{kind}.safetensors"
-    tmp = path.with_suffix(".tmp")
-    save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(tmp))
-    os.chmod(tmp, 0o644)
-    os.replace(tmp, path)
+    blob = st_save({k: v.contiguous() for k, v in net.state_dict().items()})
+    atomic_write(path, lambda f: f.write(blob))
     manifest = read_manifest(weights_dir)
     manifest[f"{dataset}/{kind}"] = dict(record, file=path.name, sha256=sha256_file(path), dataset=dataset,
                                          command=f"flowdit evaluator train --dataset {dataset} --kinds {kind} --epochs {record['epochs']}")
-    mtmp = _manifest_path(weights_dir).with_suffix(".tmp")
-    mtmp.write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
-    os.replace(mtmp, _manifest_path(weights_dir))
+    atomic_write_text(_manifest_path(weights_dir), json.dumps(manifest, indent=2, sort_keys=True) + "\n")
     return path
 
 

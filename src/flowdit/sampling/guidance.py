@@ -140,7 +140,8 @@ class GuidedVelocity:
             self.counter.cond_only_calls += 1
             return self._run(x, t, self.y)
         self.counter.guided_calls += 1
-        if self.ctx is not None and self.ctx.cfg_mode == "split":
+        # A context without a cfg_mode (RF-Edit's feature store) runs the branches batched.
+        if self.ctx is not None and getattr(self.ctx, "cfg_mode", "batched") == "split":
             v_c = self._run(x, t, self.y, "cond")
             v_u = self._run(x, t, self.null, "uncond")
         else:

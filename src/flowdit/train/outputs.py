@@ -4,7 +4,6 @@ independent classifier gives the samples."""
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 from typing import Optional
@@ -13,17 +12,10 @@ import torch
 
 from ..data import build_dataset, to_float, to_uint8
 from ..eval.classifier import fit_reference_classifier
-from ..sampling.generate import generate
-from ..utils.files import atomic_write
+from ..inference.generate import balanced_labels, generate  # noqa: F401  (balanced_labels re-exported)
+from ..utils.files import write_json
 from ..utils.images import save_grid_png, save_npz
 from .config import RunConfig, SampleSection
-
-
-def balanced_labels(num_classes: int, n: int) -> torch.Tensor:
-    """``[n]`` labels cycling through the classes (as even as ``n`` allows), class-major order
-    when ``n`` is a multiple of ``num_classes``."""
-    per = -(-n // num_classes)
-    return torch.arange(num_classes).repeat_interleave(per)[:n]
 
 
 def sample_classes(model, shape, num_classes: int, per_class: int, sc: SampleSection, seed: int,
@@ -33,14 +25,6 @@ def sample_classes(model, shape, num_classes: int, per_class: int, sc: SampleSec
     out = generate(model, labels, shape, solver=sc.solver, steps=sc.steps, cfg_scale=sc.cfg, shift=shift,
                    seed=seed, amp_dtype=amp_dtype, device=device, progress=progress)
     return out.images, out.labels
-
-
-def write_json(path: Path, obj: dict) -> None:
-    """Write ``obj`` as strict JSON (a non-finite float becomes ``null``), atomically."""
-    from .trainer import finite_or_none
-
-    text = json.dumps(finite_or_none(obj), indent=2, allow_nan=False) + "\n"
-    atomic_write(Path(path), lambda f: f.write(text.encode()))
 
 
 @torch.no_grad()

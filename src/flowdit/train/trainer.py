@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import copy
 import json
-import math
 import time
 from contextlib import nullcontext
 from pathlib import Path
@@ -40,8 +39,8 @@ from ..distill.slimflow import anneal_randomness, guide_times, joint_flip, mix_n
 from ..errors import CheckpointError, ConfigError, FlowditError
 from ..models import DiT, build_model
 from ..utils.config import config_diff, from_dict, save_config, to_dict
-from ..utils.files import DirLock, check_writable
-from ..utils.precision import autocast
+from ..utils.files import DirLock, check_writable, finite_or_none  # noqa: F401  (re-exported)
+from ..utils.precision import autocast, autocast_dtype, cpu_has_bf16  # noqa: F401  (cpu_has_bf16 re-exported)
 from ..utils.seeding import seeded_generator
 from . import dist as D
 from .checkpoint import (
@@ -63,18 +62,6 @@ _STATE_KEYS = ("step", "optimizer", "torch_rng")
 class TrainingDiverged(FlowditError):
     """The loss, the gradient norm or the weights became NaN or infinite; nothing after
     the last finite checkpoint was saved."""
-
-
-def finite_or_none(obj):
-    """``obj`` with every non-finite float replaced by ``None``, so that it is valid JSON
-    (``json.dumps`` would write ``NaN`` / ``Infinity``, which JSON does not have)."""
-    if isinstance(obj, float):
-        return obj if math.isfinite(obj) else None
-    if isinstance(obj, dict):
-        return {k: finite_or_none(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [finite_or_none(v) for v in obj]
-    return obj
 
 
 def saved_run_config(run_dir: Path) -> Optional[dict]:
@@ -109,31 +96,6 @@ def existing_run(run_dir: Path) -> Optional[str]:
         if (run_dir / name).exists():
             return name
     return None
-
-
-def cpu_has_bf16() -> bool:
-    """True when this CPU computes bf16 matmuls natively (AVX512-BF16 or AMX)."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = f.read()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
-
-
-def autocast_dtype(precision: str, device: torch.device) -> Optional[torch.dtype]:
-    """The autocast dtype for a precision setting (``None``: plain fp32).
-
-    ``auto`` picks bf16 where the hardware runs it fast (CUDA with bf16, or a CPU with
-    AVX512-BF16/AMX), fp32 elsewhere. Master weights stay fp32 in every case.
-    """
-    if precision == "fp32":
-        return None
-    if precision == "bf16":
-        return torch.bfloat16
-    if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else None
-    return torch.bfloat16 if cpu_has_bf16() else None
 
 
 _DATA_STREAM, _NOISE_STREAM, _GUIDE_STREAM = 1, 2, 3

@@ -27,7 +27,6 @@ import functools
 import math
 import os
 import pathlib
-import tempfile
 import types
 import typing
 from typing import Any, Literal, Union
@@ -35,6 +34,7 @@ from typing import Any, Literal, Union
 import yaml
 
 from flowdit.errors import ConfigError
+from flowdit.utils.files import atomic_write_text
 
 __all__ = [
     "apply_overrides",
@@ -444,7 +444,7 @@ def to_dict(cfg: Any) -> Any:
 
 
 def save_config(cfg: Any, path: str | os.PathLike, header: str = "") -> pathlib.Path:
-    """Write ``to_dict(cfg)`` as YAML to ``path`` atomically (temp file + ``os.replace``).
+    """Write ``to_dict(cfg)`` as YAML to ``path`` atomically (``flowdit.utils.files.atomic_write``, synced).
 
     ``header``: lines written first as YAML comments (``# ...``). Parent directories are
     created. Returns the path written.
@@ -454,20 +454,8 @@ def save_config(cfg: Any, path: str | os.PathLike, header: str = "") -> pathlib.
     text = yaml.safe_dump(to_dict(cfg), sort_keys=False, default_flow_style=False)
     if header:
         text = "".join(f"# {line}\n" for line in header.splitlines()) + text
-    fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".tmp", dir=p.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600; a config is meant to be read by others
-        os.replace(tmp, p)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
+    # Synced: a run's config is what a resume after a power cut starts from.
+    atomic_write_text(p, text, fsync=True)
     return p
 
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import errno
 import hashlib
+import json
+import math
 import os
 import secrets
 import tempfile
@@ -18,23 +20,60 @@ try:  # POSIX; elsewhere DirLock is a no-op
 except ImportError:  # pragma: no cover
     fcntl = None
 
-__all__ = ["DirLock", "DirLocked", "atomic_write", "check_writable", "sha256_file"]
+__all__ = ["DirLock", "DirLocked", "atomic_write", "atomic_write_text", "check_writable", "finite_or_none",
+           "sha256_file", "write_json"]
 
 
-def atomic_write(path: Path, write: Callable[[IO[bytes]], None]) -> Path:
-    """Write ``path`` through ``write(file)`` so that it appears whole or not at all."""
+def atomic_write(path: str | os.PathLike, write: Callable[[IO[bytes]], None], *, fsync: bool = False,
+                 tmp_prefix: str = ".") -> Path:
+    """Write ``path`` through ``write(file)`` so that it appears whole or not at all.
+
+    The bytes go to a temporary file beside ``path`` (``<tmp_prefix><name>.<pid>.<random>.tmp``,
+    hidden by default), which is then renamed over ``path``. ``fsync`` flushes the file to
+    disk before the rename, for files whose loss after a power cut would matter (configs,
+    ``checkpoints/latest``); the caller syncs the directory when the rename itself must
+    survive one. ``tmp_prefix`` lets a directory's owner recognise and clean up the
+    leftovers of a crash. Returns ``path`` as a :class:`Path`.
+    """
     # Write beside the target then rename, so a crash or a reader never sees half a file.
     # (Not tempfile.mkstemp: its 0600 mode would survive the rename.)
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+    tmp = path.with_name(f"{tmp_prefix}{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
     try:
         with open(tmp, "xb") as f:
             write(f)
+            if fsync:
+                f.flush()
+                os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def atomic_write_text(path: str | os.PathLike, text: str, *, fsync: bool = False, tmp_prefix: str = ".") -> Path:
+    """:func:`atomic_write` of ``text`` encoded as UTF-8."""
+    data = text.encode("utf-8")
+    return atomic_write(path, lambda f: f.write(data), fsync=fsync, tmp_prefix=tmp_prefix)
+
+
+def finite_or_none(obj):
+    """``obj`` with every non-finite float replaced by ``None``, so that it is valid JSON
+    (``json.dumps`` would write ``NaN`` / ``Infinity``, which JSON does not have)."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: finite_or_none(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [finite_or_none(v) for v in obj]
+    return obj
+
+
+def write_json(path: str | os.PathLike, obj) -> Path:
+    """Write ``obj`` as strict, indented JSON (a non-finite float becomes ``null``), atomically."""
+    return atomic_write_text(path, json.dumps(finite_or_none(obj), indent=2, allow_nan=False) + "\n")
 
 
 def sha256_file(path: Path) -> str:

@@ -13,11 +13,12 @@ from typing import Optional, Sequence
 import torch
 from tqdm.auto import tqdm
 
-from ..utils.precision import autocast
+from ..sampling.context import BlockPolicy, StepContext
+from ..sampling.sample import sample
 from ..utils.seeding import seeded_generator
-from .context import BlockPolicy, StepContext
-from .guidance import cfg_velocity
-from .sample import sample
+from .velocity import model_velocity
+
+__all__ = ["Generated", "balanced_labels", "generate", "indexed_noise"]
 
 
 def indexed_noise(indices: Sequence[int], shape: Sequence[int], seed: int) -> torch.Tensor:
@@ -26,6 +27,13 @@ def indexed_noise(indices: Sequence[int], shape: Sequence[int], seed: int) -> to
     for j, i in enumerate(indices):
         out[j] = torch.randn(*shape, generator=seeded_generator(seed, 0x5EED, i))
     return out
+
+
+def balanced_labels(num_classes: int, n: int) -> torch.Tensor:
+    """``[n]`` labels cycling through the classes (as even as ``n`` allows), class-major order
+    when ``n`` is a multiple of ``num_classes``."""
+    per = -(-n // num_classes)
+    return torch.arange(num_classes).repeat_interleave(per)[:n]
 
 
 @dataclass
@@ -71,6 +79,9 @@ def generate(
         accel: a block policy (``flowdit.accel.build_policy("taylorseer:interval=4")``)
             that decides per model call how the block stack runs. Its state is reset
             for every batch, so a batch's result does not depend on earlier batches.
+
+    Returns:
+        :class:`Generated` with ``images [N, *shape]`` clamped to ``[-1, 1]``.
     """
     if accel is not None and not callable(getattr(accel, "run", None)):
         raise TypeError(
@@ -87,12 +98,7 @@ def generate(
         noise = indexed_noise(idx, shape, seed).to(device)
         y = labels[lo:lo + len(idx)].to(device)
         ctx = StepContext(block_policy=accel) if accel is not None else None
-        fn = cfg_velocity(model, y, model.null_class, cfg_scale, interval=guidance_interval, ctx=ctx)
-
-        def velocity(x, t, fn=fn):
-            with autocast(device.type, amp_dtype):
-                return fn(x, t).float()
-
+        velocity = model_velocity(model, y, cfg_scale, amp_dtype, ctx=ctx, interval=guidance_interval)
         res = sample(velocity, noise, solver=solver, steps=steps, shift=shift, rtol=rtol, atol=atol,
                      step_context=ctx)
         images.append(res.x.float().clamp(-1, 1).cpu())

@@ -1,0 +1,34 @@
+"""Load a trained model back from a run directory or checkpoint."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..checkpoint_io import load_checkpoint, load_state_dict_strict, nonfinite_tensors
+from ..errors import CheckpointError
+from ..models import DiT, DiTConfig
+
+__all__ = ["load_run_model"]
+
+
+def load_run_model(path: str | Path, use_ema: bool = True, map_location: str = "cpu") -> tuple[DiT, dict]:
+    """The model saved in a run directory (its latest checkpoint) or a checkpoint directory.
+
+    Returns ``(model in eval mode, meta)`` where ``meta`` holds the run's resolved config,
+    model config and data description. ``use_ema`` picks the EMA weights (the ones to
+    sample from) over the raw training weights.
+    """
+    ckpt = load_checkpoint(path, map_location=map_location, load_tensors_only=True)
+    mc = ckpt.meta.get("model_config")
+    if mc is None:
+        raise CheckpointError(f"{ckpt.path}: manifest has no model_config; not a flowdit training checkpoint")
+    model = DiT(DiTConfig(**mc))
+    which = "ema" if use_ema else "model"
+    if which not in ckpt.tensors:
+        raise CheckpointError(f"{ckpt.path}: no {which}.safetensors in checkpoint")
+    bad = nonfinite_tensors({which: ckpt.tensors[which]})
+    if bad:
+        raise CheckpointError(f"{ckpt.path}: {len(bad)} {which} weight tensors hold NaN or inf (first {bad[0]}); "
+                              "refused: the run diverged before this checkpoint")
+    load_state_dict_strict(model, ckpt.tensors[which], which)
+    return model.eval(), ckpt.meta
