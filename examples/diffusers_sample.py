@@ -37,6 +37,8 @@ def main(argv=None) -> int:
                     help="weights' dtype (default: bfloat16)")
     ap.add_argument("--out", default="sample.png", help="output image (default: sample.png)")
     args = ap.parse_args(argv)
+    if args.size < 16:
+        ap.error(f"--size must be at least 16 pixels, got {args.size}")
     try:
         bridge = DiffusersBridge.from_pretrained(args.path, torch_dtype=getattr(torch, args.dtype),
                                                  guidance=args.guidance)

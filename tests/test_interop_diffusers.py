@@ -212,6 +212,8 @@ def test_flux_guidance_option_follows_the_model():
     with pytest.raises(ConfigError, match="no guidance embedding"):
         wrap_transformer(tiny_flux(False), guidance=3.5)
     assert wrap_transformer(tiny_flux(True)).guidance == 3.5
+    with pytest.raises(ConfigError, match="SD3 has no guidance embedding"):
+        wrap_transformer(tiny_sd3(), guidance=3.5)
     with pytest.raises(ConfigError, match="no flowdit adapter"):
         wrap_transformer(torch.nn.Linear(2, 2))
 
@@ -232,6 +234,16 @@ def test_bridge_loads_a_saved_pipeline_offline_and_samples_like_it(tmp_path):
     # A cache through the bridge at full compute changes nothing.
     same = bridge.sample(noise.clone(), cond, neg, cfg=2.0, steps=5, accel="fbcache:threshold=0")
     assert torch.equal(same, out)
+
+
+def test_bridge_refuses_a_policy_the_model_cannot_run_before_sampling():
+    bridge = DiffusersBridge(sd3_pipeline())
+    cond, _ = prompts(7, 64, 64)
+    calls = []
+    bridge.model.register_forward_hook(lambda *a: calls.append(1))
+    with pytest.raises(ConfigError, match="--accel fora"):
+        bridge.sample(torch.randn(2, 4, 16, 16), cond, steps=4, accel="fora")
+    assert calls == []
 
 
 def test_bridge_refuses_a_folder_that_is_not_a_pipeline(tmp_path):

@@ -121,11 +121,6 @@ class DiffusersTransformer(nn.Module):
         cfg = transformer.config
         self.hidden_size = int(cfg.num_attention_heads * cfg.attention_head_dim)
 
-    @property
-    def null_class(self) -> None:
-        """Text models have no null label: guidance takes the negative prompt's condition."""
-        return None
-
     # -- the pieces each family defines ------------------------------------------------
 
     def embed(self, x: Tensor, t: Tensor, y: dict) -> tuple[Tensor, Tensor, Tensor]:
@@ -301,13 +296,16 @@ class FluxTransformer(DiffusersTransformer):
         return unpack_flux_latents(seq, x.shape[-2], x.shape[-1])
 
 
-def wrap_transformer(transformer: nn.Module, **kwargs) -> DiffusersTransformer:
-    """Wrap a diffusers ``SD3Transformer2DModel`` or ``FluxTransformer2DModel``."""
+def wrap_transformer(transformer: nn.Module, guidance: Optional[float] = None) -> DiffusersTransformer:
+    """Wrap a diffusers ``SD3Transformer2DModel`` or ``FluxTransformer2DModel``; ``guidance``
+    is FLUX-dev's embedded guidance scale (see ``FluxTransformer``), refused for SD3."""
     name = type(transformer).__name__
     if name == "SD3Transformer2DModel":
-        return SD3Transformer(transformer, **kwargs)
+        if guidance is not None:
+            raise ConfigError("guidance: SD3 has no guidance embedding; use classifier-free guidance (cfg) instead")
+        return SD3Transformer(transformer)
     if name == "FluxTransformer2DModel":
-        return FluxTransformer(transformer, **kwargs)
+        return FluxTransformer(transformer, guidance=guidance)
     raise ConfigError(f"no flowdit adapter for {name}; supported: SD3Transformer2DModel, FluxTransformer2DModel")
 
 
@@ -349,8 +347,7 @@ class DiffusersBridge:
 
     def __init__(self, pipeline: Any, guidance: Optional[float] = None):
         self.pipeline = pipeline
-        kw = {"guidance": guidance} if type(pipeline.transformer).__name__ == "FluxTransformer2DModel" else {}
-        self.model = wrap_transformer(pipeline.transformer, **kw)
+        self.model = wrap_transformer(pipeline.transformer, guidance=guidance)
 
     @classmethod
     def from_pretrained(cls, path: str, torch_dtype: Optional[torch.dtype] = None, **kw) -> "DiffusersBridge":
@@ -410,6 +407,7 @@ class DiffusersBridge:
         if cfg != 1.0 and negative is None:
             raise ConfigError("cfg != 1 needs a negative prompt condition")
         policy = build_policy(accel) if isinstance(accel, str) else accel
+        check_policy(self.model, policy)
         ctx = StepContext(block_policy=policy)
         if cfg == 1.0:
             def fn(x, t):
