@@ -381,8 +381,15 @@ def test_batched_state_follows_batch_size(model):
 def test_context_without_policy_runs_all_blocks(model):
     x, t, y = torch.randn(2, 1, 8, 8), torch.rand(2), torch.tensor([0, 1])
     ref = model(x, t, y)
-    assert torch.equal(model(x, t, y, ctx=types.SimpleNamespace(anything=1)), ref)
     assert torch.equal(model(x, t, y, ctx=StepContext()), ref)
+
+    class Watch:  # a hook at another point leaves the stack to the model
+        name = "watch"
+
+        def after_velocity(self, v, ctx):
+            pass
+
+    assert torch.equal(model(x, t, y, ctx=StepContext(hooks=[Watch()])), ref)
 
 
 # -- spec parser -------------------------------------------------------------------------

@@ -8,13 +8,10 @@ import torch
 from flowdit.cli import main
 from flowdit.edit import (
     ClassifierGuidanceSolver,
-    EditContext,
     FlowChefSolver,
     GaussianBlur,
-    KeyedSolver,
     Inpaint,
     SuperResolution,
-    VFeatureProcessor,
     default_edit_blocks,
     edit_blocks,
     TASKS,
@@ -22,7 +19,7 @@ from flowdit.edit import (
     classifier_guided_sample,
     controlled_forward_field,
     controlled_reverse_field,
-    feature_sharing,
+    value_sharing,
     invert,
     invert_images,
     inversion_grid,
@@ -41,6 +38,7 @@ from flowdit.errors import ConfigError
 from flowdit.models.attention import SDPAProcessor, merge_heads, qkv_heads
 from flowdit.models.registry import build_model
 from flowdit.sampling import sample
+from flowdit.sampling.context import StepContext
 
 # Gaussian-to-Gaussian flow (see tests/test_sampling.py): exact marginal velocity, and the
 # exact inversion x0 -> (x0 - mu) / sigma.
@@ -185,8 +183,8 @@ def test_rf_edit_injects_the_recorded_values_in_the_chosen_blocks_only(tiny, bat
 def test_rf_edit_block_option(tiny):
     assert default_edit_blocks(2) == [1] and default_edit_blocks(57) == list(range(28, 57))
     assert edit_blocks(tiny, range(2)) == [0, 1] and edit_blocks(tiny, [1, 0, 1]) == [0, 1]
-    with feature_sharing(tiny, blocks=[0]):
-        assert [isinstance(a.processor, VFeatureProcessor) for a in tiny.attention_modules()] == [True, False]
+    assert value_sharing(tiny, blocks=[0]).blocks == [0]
+    assert value_sharing(tiny).blocks == [1]
     with pytest.raises(ConfigError, match="empty"):
         edit_blocks(tiny, [])
 
@@ -205,11 +203,14 @@ def test_rf_edit_block_option(tiny):
 def test_reinjecting_features_of_the_same_pass_changes_nothing(tiny, batch, solver):
     x, _, yt = batch
     grid = sampling_grid(4)
-    with feature_sharing(tiny, blocks=[0, 1]) as ctx:
-        fn = model_velocity(tiny, yt, ctx=ctx)
-        rec = sample(fn, x, KeyedSolver(solver, ctx, lambda i: "record"), schedule=grid).x
-        assert len(ctx.store) > 0
-        inj = sample(fn, x, KeyedSolver(solver, ctx, lambda i: "inject"), schedule=grid).x
+    sharing = value_sharing(tiny, blocks=[0, 1])
+    ctx = StepContext(hooks=[sharing])
+    fn = model_velocity(tiny, yt, ctx=ctx)
+    sharing.plan = lambda i: "record"
+    rec = sample(fn, x, solver, schedule=grid, step_context=ctx).x
+    assert len(sharing.store) > 0
+    sharing.plan = lambda i: "inject"
+    inj = sample(fn, x, solver, schedule=grid, step_context=ctx).x
     torch.testing.assert_close(inj, rec, rtol=0, atol=0)
 
 

@@ -45,7 +45,7 @@ class GroupedAttentionProcessor:
         self._mask: torch.Tensor | None = None
 
     def __call__(self, attn, x: torch.Tensor, ctx=None) -> torch.Tensor:
-        q, k, v = qkv_heads(attn, x)
+        q, k, v = qkv_heads(attn, x, ctx)
         n = x.shape[1]
         grid = int(round(n**0.5))
         if self._mask is None or self._mask.shape[0] != n or self._mask.device != x.device:

@@ -106,7 +106,7 @@ class KVCacheProcessor:
         self.store, self.layer, self.idx = store, layer, idx
 
     def __call__(self, attn, x: torch.Tensor, ctx=None) -> torch.Tensor:
-        q, k, v = qkv_heads(attn, x)
+        q, k, v = qkv_heads(attn, x, ctx)
         if self.idx is not None:
             k_all, v_all = self.store[self.layer]
             B, H, M, Dh = k.shape

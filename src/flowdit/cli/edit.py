@@ -154,6 +154,16 @@ def cmd_edit(args: argparse.Namespace) -> int:
     out = _check_out(args.out, (".png", ".npz"))
     if args.method == "rf-inversion":
         eta_steps = _eta_steps(args.eta_steps)
+    policy = None
+    if args.accel:  # a bad spec fails before the checkpoint is read
+        if args.method != "rf-edit":
+            raise FlowditError("--accel applies to --method rf-edit only")
+        from ..accel import build_policy
+
+        try:
+            policy = build_policy(args.accel)
+        except FlowditError as e:
+            raise FlowditError(f"--accel {args.accel!r}: {e}") from None
     model, device, shift, amp = _setup(args, ((out, "--out"),))
     images, labels = _load_inputs(args.input, model)
     n = len(images)
@@ -169,8 +179,8 @@ def cmd_edit(args: argparse.Namespace) -> int:
             except ValueError:
                 raise FlowditError(f"--blocks must be comma-separated block indices, got {args.blocks!r}") from None
         res = rf_edit(model, images, source, target, args.inject, args.solver, args.steps, shift, blocks,
-                      args.cfg, amp, args.batch_size, device)
-        detail = f"inject {args.inject}"
+                      args.cfg, amp, args.batch_size, device, policy=policy)
+        detail = f"inject {args.inject}" + ("" if policy is None else f", accel {policy!r}")
     else:
         res = rf_inversion(model, images, source, target, args.gamma, args.eta, eta_steps, args.solver, args.steps,
                            shift, args.cfg, args.seed, None, amp, args.batch_size, device)
@@ -265,6 +275,8 @@ def add_parsers(sub) -> None:
     ed.add_argument("--inject", type=_non_negative_int, default=2,
                     help="RF-Edit: steps that inject the recorded values")
     ed.add_argument("--blocks", help="RF-Edit: comma-separated blocks (default: the second half)")
+    ed.add_argument("--accel", help="RF-Edit: a block policy active during inversion and regeneration, e.g. "
+                    "fora:interval=2 (docs/acceleration.md)")
     ed.add_argument("--gamma", type=_non_negative_float, default=0.5, help="RF-Inversion: forward controller strength")
     ed.add_argument("--eta", type=_non_negative_float, default=0.9, help="RF-Inversion: reverse controller strength")
     ed.add_argument("--eta-steps", default="0,3", help="RF-Inversion: 'start,stop' regeneration steps under eta")

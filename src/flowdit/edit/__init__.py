@@ -34,14 +34,12 @@ from flowdit.edit.operators import (
     random_mask,
 )
 from flowdit.edit.rf_edit import (
-    EditContext,
     EditResult,
-    KeyedSolver,
-    VFeatureProcessor,
+    ValueSharing,
     default_edit_blocks,
     edit_blocks,
-    feature_sharing,
     rf_edit,
+    value_sharing,
 )
 from flowdit.edit.rf_inversion import (
     RFInversionResult,
@@ -54,8 +52,8 @@ from flowdit.edit.rf_inversion import (
 
 __all__ = [
     "invert", "regenerate", "invert_images", "regenerate_images", "inversion_grid", "sampling_grid",
-    "model_velocity", "rf_edit", "EditResult", "default_edit_blocks", "edit_blocks", "EditContext", "VFeatureProcessor", "KeyedSolver",
-    "feature_sharing", "rf_inversion", "RFInversionResult", "controlled_forward_field",
+    "model_velocity", "rf_edit", "EditResult", "default_edit_blocks", "edit_blocks", "ValueSharing",
+    "value_sharing", "rf_inversion", "RFInversionResult", "controlled_forward_field",
     "controlled_reverse_field", "paper_forward_field", "paper_reverse_field", "restore", "restore_images",
     "classifier_guided_sample", "FlowChefSolver", "ClassifierGuidanceSolver", "ReplacementSolver",
     "RESTORE_METHODS", "LinearOperator", "Inpaint", "SuperResolution", "GaussianBlur", "TASKS", "box_mask",

@@ -23,114 +23,115 @@ the second half of the blocks; the reference shares them in FLUX's single-stream
 20-37 only (``default_edit_blocks`` gives the mapping), and a model with that structure
 names the reference's set through ``rf_edit_blocks()``.
 
-Everything goes through the attention-processor extension point: ``VFeatureProcessor``
-is installed on the chosen blocks and driven by an ``EditContext`` handed to the model
-as ``model(x, t, y, ctx=...)``; the model itself knows nothing about editing.
+Everything goes through the step context's hooks (``flowdit.core.hooks``): ``ValueSharing``
+is an ``attention`` hook (it sees ``q, k, v`` of every attention layer and acts on the
+chosen ones) and a ``begin_evaluation`` hook (it keys each evaluation from the context's
+solver step, step interval and time). It sits in the same ``StepContext`` as any block
+policy, so RF-Edit runs under a cache (``rf_edit(..., accel=...)``); the model itself
+knows nothing about editing.
 """
 
 from __future__ import annotations
 
-from contextlib import contextmanager
-from dataclasses import dataclass, field
-from typing import Any, Iterable, Iterator, Optional
+from dataclasses import dataclass
+from typing import Callable, Iterable, Optional, Union
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
+from flowdit.core.hooks import BlockPolicy, Hook, StepContext
 from flowdit.errors import ConfigError
 from flowdit.inference.velocity import model_velocity
-from flowdit.models.attention import merge_heads, qkv_heads
-from flowdit.sampling.sample import sample
-from flowdit.sampling.solvers import Solver, build_solver
+from flowdit.sampling.sample import ADAPTIVE_METHODS, sample
+from flowdit.sampling.solvers import Solver
 
 from .inversion import inversion_grid, sampling_grid
 
-__all__ = ["EditContext", "VFeatureProcessor", "KeyedSolver", "feature_sharing", "rf_edit", "EditResult",
-           "default_edit_blocks", "edit_blocks"]
+__all__ = ["ValueSharing", "value_sharing", "rf_edit", "EditResult", "default_edit_blocks", "edit_blocks",
+           "MODES"]
+
+MODES = ("off", "record", "inject")
 
 
-@dataclass
-class EditContext:
-    """The per-call state that RF-Edit's processors read.
+class ValueSharing(Hook):
+    """RF-Edit's value sharing as a step hook (``attention`` and ``begin_evaluation`` points).
+
+    On the attention layers it was built for (``layers``: the modules, with their indices
+    into ``model.attention_modules()``), an evaluation in ``record`` mode stores the value
+    tensor ``V [B, H, N, Dh]`` under ``(interval, slot, index)``; one in ``inject`` mode
+    replaces its freshly computed ``V`` by the stored one (repeated along the batch when
+    the call stacks several copies, e.g. the two halves of batched CFG). ``plan(i)``
+    gives the mode of solver step ``i`` of the current sampling call.
 
     Attributes:
-        mode: ``"record"`` (store V), ``"inject"`` (replace V by the stored one) or ``"off"``.
-        store: ``{(interval, slot, block): V [B, H, N, Dh]}``.
-        key: ``((t_lo, t_hi), slot)`` of the evaluation being run (set by ``KeyedSolver``).
-        block_policy: always ``None`` here; present because the DiT asks its ``ctx`` for one.
+        store: ``{((t_lo, t_hi), slot, index): V}``; kept across sampling calls (recorded
+            while inverting, read while regenerating) and cleared by ``clear()``.
+        plan: ``solver_step -> "off" | "record" | "inject"``.
+        mode, key: the current evaluation's mode and ``((t_lo, t_hi), slot)``.
     """
 
-    mode: str = "off"
-    store: dict = field(default_factory=dict)
-    key: Any = None
-    block_policy: Any = None
+    name = "rf_edit"
 
+    def __init__(self, layers: dict[int, torch.nn.Module]):
+        self._modules = dict(layers)  # index -> module, kept so the ids below stay valid
+        self._index = {id(m): i for i, m in self._modules.items()}
+        self.store: dict = {}
+        self.plan: Callable[[int], str] = lambda i: "off"
+        self.mode = "off"
+        self.key: Optional[tuple] = None
+        self._edges = 0
 
-class VFeatureProcessor:
-    """Self-attention that records or injects the value tensor of block ``index``.
+    @property
+    def blocks(self) -> list[int]:
+        """The indices of the sharing layers."""
+        return sorted(self._modules)
 
-    Same math as the default SDPA processor; in ``inject`` mode the stored
-    ``V [B, H, N, Dh]`` replaces the computed one (repeated along the batch when the
-    call runs several stacked copies, e.g. the cond/uncond halves of CFG).
-    """
+    def clear(self) -> None:
+        """Forget every recorded value."""
+        self.store.clear()
 
-    def __init__(self, index: int):
-        self.index = index
+    def reset(self) -> None:
+        """Start a sampling call: per-call counters only; the store is kept."""
+        self.mode, self.key, self._edges = "off", None, 0
 
-    def __call__(self, attn, x: Tensor, ctx: Any = None) -> Tensor:
-        q, k, v = qkv_heads(attn, x)
-        mode = getattr(ctx, "mode", "off")
-        if mode != "off" and ctx.key is not None:
-            key = (*ctx.key, self.index)
-            if mode == "record":
-                ctx.store[key] = v.detach().clone()
-            elif mode == "inject" and key in ctx.store:
-                stored = ctx.store[key]
-                reps = v.shape[0] // stored.shape[0]
-                if reps * stored.shape[0] != v.shape[0]:
-                    raise ConfigError(f"RF-Edit: stored features of batch {stored.shape[0]} cannot fill a batch of {v.shape[0]}")
-                v = stored.to(v.dtype).repeat(reps, 1, 1, 1) if reps > 1 else stored.to(v.dtype)
-        return attn.proj(merge_heads(F.scaled_dot_product_attention(q, k, v)))
+    def begin_evaluation(self, ctx: StepContext) -> None:
+        """Key the evaluation about to run by its step interval and slot (module docstring)."""
+        if ctx.eval_in_step == 0:
+            self._edges = 0
+            self.mode = self.plan(ctx.solver_step)
+            if self.mode not in MODES:
+                raise ConfigError(f"RF-Edit: plan gave mode {self.mode!r}; valid: {', '.join(MODES)}")
+        if ctx.t_step is None or ctx.t_next is None:
+            self.key = None
+            return
+        lo, hi = sorted((round(float(ctx.t_step), 6), round(float(ctx.t_next), 6)))
+        t = round(float(ctx.t), 6)
+        if lo < t < hi:
+            slot = "mid"
+        else:
+            slot = f"edge{self._edges}"
+            self._edges += 1
+        self.key = ((lo, hi), slot)
 
-
-class KeyedSolver(Solver):
-    """Wraps a solver so that every velocity evaluation of a step carries its key
-    ``(interval, slot)`` in ``ctx.key``, and sets ``ctx.mode`` per step.
-
-    ``modes(i) -> str`` gives the mode of step ``i`` (0-based, in the order run).
-    """
-
-    def __init__(self, solver: Any, ctx: EditContext, modes):
-        self.inner = build_solver(solver)
-        self.ctx, self.modes = ctx, modes
-        self.name = getattr(self.inner, "name", "solver")
-        self.nfe_per_step = getattr(self.inner, "nfe_per_step", 1)
-        self.order = getattr(self.inner, "order", 1)
-        self.index = 0
-
-    def step(self, model_fn, x, t_cur, t_next, state=None):
-        lo, hi = sorted((round(float(t_cur), 6), round(float(t_next), 6)))
-        edges = [0]
-        ctx = self.ctx
-
-        def keyed(xx, tt):
-            t = round(float(tt.reshape(-1)[0]), 6)
-            if lo < t < hi:
-                slot = "mid"
-            else:
-                slot = f"edge{edges[0]}"
-                edges[0] += 1
-            ctx.key = ((lo, hi), slot)
-            return model_fn(xx, tt)
-
-        ctx.mode = self.modes(self.index)
-        try:
-            out = self.inner.step(keyed, x, t_cur, t_next, state)
-        finally:
-            ctx.mode, ctx.key = "off", None
-            self.index += 1
-        return out
+    def attention(self, attn, q: Tensor, k: Tensor, v: Tensor, ctx: StepContext) -> tuple[Tensor, Tensor, Tensor]:
+        """Record or replace ``v [B, H, N, Dh]`` of a sharing layer; other layers pass through."""
+        if self.mode == "off" or self.key is None:
+            return q, k, v
+        index = self._index.get(id(attn))
+        if index is None:
+            return q, k, v
+        key = (*self.key, index)
+        if self.mode == "record":
+            self.store[key] = v.detach().clone()
+        elif key in self.store:
+            stored = self.store[key]
+            reps = v.shape[0] // stored.shape[0]
+            if reps * stored.shape[0] != v.shape[0] or stored.shape[1:] != v.shape[1:]:
+                raise ConfigError(f"RF-Edit: stored values of shape {tuple(stored.shape)} cannot replace values of "
+                                  f"shape {tuple(v.shape)} (a policy that changes the token count does not compose "
+                                  "with value sharing)")
+            v = stored.to(v.dtype).repeat(reps, 1, 1, 1) if reps > 1 else stored.to(v.dtype)
+        return q, k, v
 
 
 def default_edit_blocks(depth: int) -> list[int]:
@@ -172,18 +173,11 @@ def edit_blocks(model, blocks: Optional[Iterable[int]] = None) -> list[int]:
     return chosen
 
 
-@contextmanager
-def feature_sharing(model, blocks: Optional[Iterable[int]] = None) -> Iterator[EditContext]:
-    """Install ``VFeatureProcessor`` on ``edit_blocks(model, blocks)`` for the duration of the
-    block, restoring the previous processors after; yields a fresh ``EditContext``."""
+def value_sharing(model, blocks: Optional[Iterable[int]] = None) -> ValueSharing:
+    """A ``ValueSharing`` hook on the attention layers ``edit_blocks(model, blocks)``, to be
+    registered in a ``StepContext`` (``StepContext(hooks=[hook])``)."""
     attns = model.attention_modules()
-    blocks = edit_blocks(model, blocks)
-    saved = {i: attns[i].processor for i in blocks}
-    model.set_attn_processor({i: VFeatureProcessor(i) for i in blocks})
-    try:
-        yield EditContext()
-    finally:
-        model.set_attn_processor(saved)
+    return ValueSharing({i: attns[i] for i in edit_blocks(model, blocks)})
 
 
 @dataclass
@@ -199,19 +193,26 @@ class EditResult:
 
 @torch.no_grad()
 def rf_edit(model, images: Tensor, source: Optional[Tensor], target: Optional[Tensor], inject_steps: int = 2,
-            solver: Any = "rf2", steps: int = 10, shift: float = 1.0, blocks: Optional[Iterable[int]] = None,
-            cfg_scale: float = 1.0, amp_dtype: Optional[torch.dtype] = None, batch_size: int = 256,
-            device: Any = "cpu") -> EditResult:
+            solver: Union[str, Solver] = "rf2", steps: int = 10, shift: float = 1.0,
+            blocks: Optional[Iterable[int]] = None, cfg_scale: float = 1.0, amp_dtype: Optional[torch.dtype] = None,
+            batch_size: int = 256, device: Union[str, torch.device] = "cpu",
+            policy: Optional[BlockPolicy] = None) -> EditResult:
     """Edit images ``[N, C, H, W]`` from condition ``source [N]`` to ``target [N]`` (RF-Edit).
 
     Inverts unguided under ``source`` recording V on ``blocks`` for the steps that will be
     injected, then regenerates under ``target`` (guided with ``cfg_scale``) injecting V in the
     first ``inject_steps`` steps. ``inject_steps = 0`` is plain inversion + regeneration.
     ``blocks``: indices into ``model.attention_modules()`` (a list or a ``range``); ``None``
-    takes ``edit_blocks``' default (the second half of a DiT's blocks).
+    takes ``edit_blocks``' default (the second half of a DiT's blocks). ``policy``: a block
+    policy (a cache, ``flowdit.accel.build_policy``) active in both passes next to the
+    value sharing; its state restarts with each pass. Values are recorded only on calls
+    that run the sharing layers, so a call a cache skips while inverting has nothing to
+    inject later and regenerates with its own values.
     """
     if int(inject_steps) != inject_steps or not 0 <= inject_steps <= steps:
         raise ConfigError(f"inject_steps must be an integer in 0..steps={steps}, got {inject_steps!r}")
+    if isinstance(solver, str) and solver.strip().lower() in ADAPTIVE_METHODS:
+        raise ConfigError(f"RF-Edit pairs the evaluations of fixed steps; adaptive solver {solver!r} has none")
     if not isinstance(images, Tensor) or images.dim() != 4:
         raise ConfigError(f"images must be a tensor [N, C, H, W], got {getattr(images, 'shape', images)}")
     for name, lab in (("source", source), ("target", target)):
@@ -220,22 +221,23 @@ def rf_edit(model, images: Tensor, source: Optional[Tensor], target: Optional[Te
     k = int(inject_steps)
     device = torch.device(device)
     model.eval()
+    sharing = value_sharing(model, blocks)
+    ctx = StepContext(block_policy=policy, hooks=[sharing])
     outs, noises, nfe_inv, nfe_edit = [], [], 0, 0
-    with feature_sharing(model, blocks) as ctx:
-        for lo in range(0, len(images), batch_size):
-            x = images[lo:lo + batch_size].to(device).float()
-            ys = None if source is None else source[lo:lo + batch_size].to(device)
-            yt = None if target is None else target[lo:lo + batch_size].to(device)
-            ctx.store.clear()
-            # Inversion step i mirrors regeneration step steps-1-i: record only those injected later.
-            inv = KeyedSolver(solver, ctx, lambda i: "record" if i >= steps - k else "off")
-            z = sample(model_velocity(model, ys, 1.0, amp_dtype, ctx=ctx), x, inv,
-                       schedule=inversion_grid(steps, shift))
-            gen = KeyedSolver(solver, ctx, lambda i: "inject" if i < k else "off")
-            out = sample(model_velocity(model, yt, cfg_scale, amp_dtype, ctx=ctx), z.x, gen,
-                         schedule=sampling_grid(steps, shift))
-            ctx.store.clear()
-            outs.append(out.x.float().cpu())
-            noises.append(z.x.float().cpu())
-            nfe_inv, nfe_edit = max(nfe_inv, z.nfe), max(nfe_edit, out.nfe)
+    for lo in range(0, len(images), batch_size):
+        x = images[lo:lo + batch_size].to(device).float()
+        ys = None if source is None else source[lo:lo + batch_size].to(device)
+        yt = None if target is None else target[lo:lo + batch_size].to(device)
+        sharing.clear()
+        # Inversion step i mirrors regeneration step steps-1-i: record only those injected later.
+        sharing.plan = lambda i: "record" if i >= steps - k else "off"
+        z = sample(model_velocity(model, ys, 1.0, amp_dtype, ctx=ctx), x, solver,
+                   schedule=inversion_grid(steps, shift), step_context=ctx)
+        sharing.plan = lambda i: "inject" if i < k else "off"
+        out = sample(model_velocity(model, yt, cfg_scale, amp_dtype, ctx=ctx), z.x, solver,
+                     schedule=sampling_grid(steps, shift), step_context=ctx)
+        sharing.clear()
+        outs.append(out.x.float().cpu())
+        noises.append(z.x.float().cpu())
+        nfe_inv, nfe_edit = max(nfe_inv, z.nfe), max(nfe_edit, out.nfe)
     return EditResult(torch.cat(outs), torch.cat(noises), nfe_inv, nfe_edit)

@@ -10,11 +10,13 @@ spirit of diffusers' attention processors.
 
 from __future__ import annotations
 
-from typing import Any, Protocol
+from typing import Optional, Protocol
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from flowdit.core.hooks import StepContext, attention_hooks
 
 from .layers import RMSNorm
 
@@ -22,19 +24,23 @@ from .layers import RMSNorm
 class AttentionProcessor(Protocol):
     """Computes self-attention for ``attn`` on tokens ``x [B, N, D] -> [B, N, D]``."""
 
-    def __call__(self, attn: "Attention", x: torch.Tensor, ctx: Any = None) -> torch.Tensor: ...
+    def __call__(self, attn: "Attention", x: torch.Tensor, ctx: Optional[StepContext] = None) -> torch.Tensor: ...
 
 
-def qkv_heads(attn: "Attention", x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def qkv_heads(attn: "Attention", x: torch.Tensor, ctx: Optional[StepContext] = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Project tokens to per-head queries, keys and values, ``3 x [B, H, N, Dh]``.
 
-    One fused matmul for q, k and v; QK-norm (when enabled) is applied per head.
+    One fused matmul for q, k and v; QK-norm (when enabled) is applied per head. With a
+    step context the result passes through its ``attention`` hooks (RF-Edit's value
+    sharing), so every processor that projects through here composes with them.
     """
     B, N, _ = x.shape
     qkv = attn.qkv(x).view(B, N, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
     q, k, v = qkv.unbind(0)
     if attn.qk_norm:
         q, k = attn.q_norm(q), attn.k_norm(k)
+    if ctx is not None and ctx.hooks.attention:
+        return attention_hooks(attn, q, k, v, ctx)
     return q, k, v
 
 
@@ -71,16 +77,16 @@ class SDPAProcessor:
     the flash / memory-efficient / math kernel for the device and dtype. On a CPU under
     bf16 autocast, a differentiated call runs in fp32 (see :func:`cpu_bf16_training`)."""
 
-    def __call__(self, attn: "Attention", x: torch.Tensor, ctx: Any = None) -> torch.Tensor:
-        return attn.proj(merge_heads(sdpa(*qkv_heads(attn, x))))
+    def __call__(self, attn: "Attention", x: torch.Tensor, ctx: Optional[StepContext] = None) -> torch.Tensor:
+        return attn.proj(merge_heads(sdpa(*qkv_heads(attn, x, ctx))))
 
 
 class MathProcessor:
     """Reference processor: explicit ``softmax(q k^T / sqrt(d)) v`` in float32 (for tests and
     for methods that must see the attention map)."""
 
-    def __call__(self, attn: "Attention", x: torch.Tensor, ctx: Any = None) -> torch.Tensor:
-        q, k, v = qkv_heads(attn, x)
+    def __call__(self, attn: "Attention", x: torch.Tensor, ctx: Optional[StepContext] = None) -> torch.Tensor:
+        q, k, v = qkv_heads(attn, x, ctx)
         scores = (q.float() @ k.float().transpose(-2, -1)) * attn.head_dim**-0.5
         o = (scores.softmax(dim=-1) @ v.float()).to(v.dtype)
         return attn.proj(merge_heads(o))
@@ -103,5 +109,5 @@ class Attention(nn.Module):
             self.k_norm = RMSNorm(self.head_dim)
         self.processor: AttentionProcessor = SDPAProcessor()
 
-    def forward(self, x: torch.Tensor, ctx: Any = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, ctx: Optional[StepContext] = None) -> torch.Tensor:
         return self.processor(self, x, ctx)

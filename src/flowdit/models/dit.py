@@ -11,13 +11,14 @@ target conventions differ (docs/conventions.md).
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from typing import Any, Iterable, Optional
+from typing import Iterable, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from ..core.hooks import StepContext, output_hooks
 from .attention import Attention, AttentionProcessor
 from .layers import LabelEmbedder, Mlp, PatchEmbed, TimestepEmbedder, modulate, sincos_pos_embed_2d
 
@@ -78,7 +79,7 @@ class DiTBlock(nn.Module):
         """
         return self.adaLN_modulation[1](c_act).chunk(6, dim=-1)
 
-    def forward(self, x: torch.Tensor, c_act: torch.Tensor, ctx: Any = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, c_act: torch.Tensor, ctx: Optional[StepContext] = None) -> torch.Tensor:
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.modulation(c_act)
         x = x + gate_msa.unsqueeze(1) * self.attn(modulate(self.norm1(x), shift_msa, scale_msa), ctx)
         x = x + gate_mlp.unsqueeze(1) * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
@@ -93,7 +94,7 @@ class DiTBlock(nn.Module):
         self,
         x: torch.Tensor,
         c_act: torch.Tensor,
-        ctx: Any = None,
+        ctx: Optional[StepContext] = None,
         attn_out: Optional[torch.Tensor] = None,
         mlp_out: Optional[torch.Tensor] = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -201,10 +202,10 @@ class DiT(nn.Module):
         c = self.t_embedder(t) + self.y_embedder(y)
         return tokens, F.silu(c)
 
-    def run_blocks(self, tokens: torch.Tensor, c_act: torch.Tensor, ctx: Any = None) -> torch.Tensor:
+    def run_blocks(self, tokens: torch.Tensor, c_act: torch.Tensor, ctx: Optional[StepContext] = None) -> torch.Tensor:
         """Run the block stack. A block policy carried by ``ctx`` (docs/conventions.md,
         "Extension points") may take over this loop; without one every block runs in order."""
-        policy = getattr(ctx, "block_policy", None)
+        policy = None if ctx is None else ctx.hooks.stack
         if policy is not None:
             return policy.run(self, tokens, c_act, ctx)
         if self.grad_checkpointing and torch.is_grad_enabled():
@@ -225,15 +226,14 @@ class DiT(nn.Module):
         x = tokens.reshape(B, g, g, p, p, C)
         return torch.einsum("nhwpqc->nchpwq", x).reshape(B, C, g * p, g * p)
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor, y: Optional[torch.Tensor] = None, ctx: Any = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, t: torch.Tensor, y: Optional[torch.Tensor] = None, ctx: Optional[StepContext] = None) -> torch.Tensor:
         """Velocity ``v_hat [B, C, H, W]`` at ``(x_t, t)`` for labels ``y`` (None: unconditional)."""
         tokens, c_act = self.embed(x, t, y)
         tokens = self.run_blocks(tokens, c_act, ctx)
         v = self.unpatchify(self.final_layer(tokens, c_act)).to(x.dtype)
         # Policies that update only some tokens (region-adaptive sampling) keep the last
         # velocity of the others, which only exists after the output layer.
-        hook = getattr(getattr(ctx, "block_policy", None), "after_output", None)
-        return v if hook is None else hook(self, v, ctx)
+        return v if ctx is None or not ctx.hooks.after_output else output_hooks(self, v, ctx)
 
     # -- extension points --------------------------------------------------------------
 

@@ -50,9 +50,10 @@ class CountingModelFn:
     """Wraps ``model_fn(x, t)`` and counts its calls in ``.calls``.
 
     With a ``StepContext`` it also records, before each call, the call index
-    (``ctx.step``) and the time ``ctx.t`` of the call, so a block policy sees them, and
-    hands the returned velocity (the one the solver uses, guidance applied) to the
-    policy's ``after_velocity(v, ctx)`` when it defines one.
+    (``ctx.step``), its index within the solver step (``ctx.eval_in_step``) and its time
+    ``ctx.t``, fires the context's ``begin_evaluation`` hooks, and after the call hands
+    the returned velocity (the one the solver uses, guidance applied) to its
+    ``after_velocity`` hooks (``flowdit.core.hooks``).
     """
 
     def __init__(self, model_fn: ModelFn, ctx: StepContext | None = None):
@@ -61,14 +62,19 @@ class CountingModelFn:
         self.ctx = ctx
 
     def __call__(self, x: Tensor, t: Tensor) -> Tensor:
-        if self.ctx is not None:
-            self.ctx.step = self.calls
-            self.ctx.t = float(torch.as_tensor(t).reshape(-1)[0])
+        ctx = self.ctx
+        if ctx is None:
+            self.calls += 1
+            return self.model_fn(x, t)
+        ctx.step = self.calls
+        ctx.t = float(torch.as_tensor(t).reshape(-1)[0])
+        for hook in ctx.hooks.begin_evaluation:
+            hook(ctx)
         self.calls += 1
         v = self.model_fn(x, t)
-        hook = getattr(getattr(self.ctx, "block_policy", None), "after_velocity", None)
-        if hook is not None:
-            hook(v, self.ctx)
+        for hook in ctx.hooks.after_velocity:
+            hook(v, ctx)
+        ctx.eval_in_step += 1
         return v
 
 
@@ -167,9 +173,9 @@ def sample(
         rtol, atol: tolerances of adaptive methods.
         grad: keep autograd enabled (default runs under ``torch.no_grad()``).
         step_context: the ``StepContext`` that ``model_fn`` hands to the model (see
-            ``flowdit.sampling.context``); the loop resets its policy at the start and
-            sets ``step``, ``solver_step``, ``t``, ``t_step`` and ``t_next`` before every
-            model call.
+            ``flowdit.core.hooks``); the loop resets its hooks at the start and sets
+            ``step``, ``solver_step``, ``eval_in_step``, ``t``, ``t_step`` and ``t_next``
+            before every model call.
 
     Returns:
         ``SampleResult(x, nfe, trajectory, times)``.
@@ -216,6 +222,7 @@ def sample(
         for i in tqdm(range(len(ts) - 1), desc=f"sampling ({name})", disable=not progress):
             if step_context is not None:
                 step_context.solver_step = i
+                step_context.eval_in_step = 0
                 step_context.t_step, step_context.t_next = ts[i], ts[i + 1]
             x, state = step_solver.step(counted, x, ts[i], ts[i + 1], state)
             if trajectory is not None:
