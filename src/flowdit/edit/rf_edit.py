@@ -218,6 +218,9 @@ def rf_edit(model, images: Tensor, source: Optional[Tensor], target: Optional[Te
     for name, lab in (("source", source), ("target", target)):
         if lab is not None and (lab.dim() != 1 or lab.shape[0] != images.shape[0]):
             raise ConfigError(f"{name} labels must be [N] = [{images.shape[0]}], got {tuple(lab.shape)}")
+    if policy is not None and "token_layout" in getattr(policy, "requires", ()):
+        raise ConfigError(f"RF-Edit cannot run under {policy!r}: it changes which tokens attention sees, "
+                          "so recorded values would not line up")
     k = int(inject_steps)
     device = torch.device(device)
     model.eval()

@@ -15,6 +15,7 @@ from typing import Any, Callable, Optional
 import torch
 from torch import Tensor
 
+from ..core.hooks import StepContext
 from ..errors import ConfigError
 from ..sampling.guidance import GuidedVelocity, cfg_velocity
 from ..utils.precision import autocast
@@ -43,7 +44,7 @@ class ModelVelocity:
 
 
 def model_velocity(model: Callable, y: Any, cfg_scale: float = 1.0, amp_dtype: Optional[torch.dtype] = None,
-                   ctx: Any = None, interval: Optional[tuple[float, float]] = None) -> ModelVelocity:
+                   ctx: Optional[StepContext] = None, interval: Optional[tuple[float, float]] = None) -> ModelVelocity:
     """Velocity function ``fn(x [B, ...], t [B]) -> v`` (float32) of a class-conditional model.
 
     Args:
@@ -53,10 +54,9 @@ def model_velocity(model: Callable, y: Any, cfg_scale: float = 1.0, amp_dtype: O
             tensors, or ``None`` for the null class (unconditional).
         cfg_scale: guidance scale; 1 runs the conditional rows only.
         amp_dtype: autocast dtype of the model (``None``: fp32); the result is float32.
-        ctx: a context handed to every model call as ``ctx=ctx``: a sampling step context
-            (``flowdit.sampling.context.StepContext``: its ``branch`` is set per call and a
-            policy's ``cfg_mode="split"`` runs the two branches as two calls) or any other
-            object the model's processors read (RF-Edit's feature store).
+        ctx: the ``StepContext`` (``flowdit.core.hooks``) handed to every model call as
+            ``ctx=ctx``: its ``branch`` is set per call, and a block policy's
+            ``cfg_mode="split"`` runs the two branches as two calls.
         interval: optional ``(t_lo, t_hi)``: guidance only for ``t_lo <= t <= t_hi``.
     """
     null = getattr(model, "null_class", None)

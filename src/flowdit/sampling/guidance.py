@@ -21,11 +21,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 import torch
 from torch import Tensor
 
+from flowdit.core.hooks import StepContext
 from flowdit.errors import ConfigError
 
 __all__ = [
@@ -101,7 +102,7 @@ class GuidedVelocity:
         null: Cond,
         scale: float,
         interval: tuple[float, float] | None,
-        ctx: Any = None,
+        ctx: Optional[StepContext] = None,
     ):
         self.model, self.y, self.null = model, y, null
         self.scale, self.interval = scale, interval
@@ -140,8 +141,7 @@ class GuidedVelocity:
             self.counter.cond_only_calls += 1
             return self._run(x, t, self.y)
         self.counter.guided_calls += 1
-        # A context without a cfg_mode (RF-Edit's feature store) runs the branches batched.
-        if self.ctx is not None and getattr(self.ctx, "cfg_mode", "batched") == "split":
+        if self.ctx is not None and self.ctx.cfg_mode == "split":
             v_c = self._run(x, t, self.y, "cond")
             v_u = self._run(x, t, self.null, "uncond")
         else:
@@ -162,7 +162,7 @@ def cfg_velocity(
     null_label: Cond,
     scale: float,
     interval: tuple[float, float] | None = None,
-    ctx: Any = None,
+    ctx: Optional[StepContext] = None,
 ) -> GuidedVelocity:
     """Wrap ``model(x, t, y) -> v`` as a classifier-free-guided velocity ``fn(x, t) -> v``.
 
