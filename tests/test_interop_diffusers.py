@@ -253,3 +253,73 @@ def test_bridge_refuses_a_folder_that_is_not_a_pipeline(tmp_path):
     (tmp_path / "x" / "config.json").write_text(json.dumps({}))
     with pytest.raises(ConfigError, match="model_index.json"):
         DiffusersBridge.from_pretrained(str(tmp_path / "x"))
+
+
+# ---------------------------------------------------------------- RF-Edit on SD3 / FLUX
+
+
+def _edit_case(family):
+    if family == "flux":
+        bridge = DiffusersBridge(flux_pipeline())
+        cond, neg = prompts(5, 64, 32)
+        latents = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(4))
+    else:
+        bridge = DiffusersBridge(sd3_pipeline())
+        cond, neg = prompts(7, 64, 64)
+        latents = torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(4))
+    return bridge, cond, neg, latents
+
+
+def test_rf_edit_default_blocks_are_the_references_late_single_stream_blocks():
+    model = wrap_transformer(tiny_flux())
+    assert len(model.attention_modules()) == 3 and model.rf_edit_blocks() == [2]  # 1 joint + singles 1..1
+    assert wrap_transformer(FluxTransformer2DModel(
+        num_layers=19, num_single_layers=38, attention_head_dim=8, num_attention_heads=1,
+        joint_attention_dim=8, pooled_projection_dim=8, in_channels=4, axes_dims_rope=(2, 2, 4)),
+    ).rf_edit_blocks() == list(range(19 + 20, 19 + 38))
+
+
+@pytest.mark.parametrize("family", ["sd3", "flux"])
+def test_rf_edit_without_injection_is_inversion_and_regeneration_on_the_bridge(family):
+    bridge, cond, neg, latents = _edit_case(family)
+    res = bridge.edit(latents, cond, neg, inject_steps=0, solver="rf2", steps=4)
+    grid = bridge.grid(4, latents.shape[-2], latents.shape[-1])
+
+    def fn(y):
+        return lambda x, t: bridge.model(x, t, y)
+
+    z = sample(fn(cond), latents, "rf2", schedule=grid.flip(0)).x
+    out = sample(fn(neg), z, "rf2", schedule=grid).x
+    torch.testing.assert_close(res.noise, z, rtol=0, atol=0)
+    torch.testing.assert_close(res.images, out, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("family", ["sd3", "flux"])
+def test_rf_edit_shares_the_recorded_values_on_the_bridge(family):
+    bridge, cond, neg, latents = _edit_case(family)
+    plain = bridge.edit(latents, cond, neg, inject_steps=0, solver="rf2", steps=4)
+    edited = bridge.edit(latents, cond, neg, inject_steps=2, solver="rf2", steps=4)
+    assert (edited.images - plain.images).abs().max() > 1e-4  # the injected values act
+    torch.testing.assert_close(edited.noise, plain.noise, rtol=0, atol=0)  # inversion only records
+    # Reinjecting the values of the very pass that recorded them changes nothing.
+    from flowdit.edit import value_sharing
+
+    sharing = value_sharing(bridge.model)
+    ctx = StepContext(hooks=[sharing])
+    grid = bridge.grid(4, latents.shape[-2], latents.shape[-1])
+    sharing.plan = lambda i: "record"
+    rec = sample(lambda x, t: bridge.model(x, t, cond, ctx=ctx), latents, "rf2", schedule=grid, step_context=ctx).x
+    assert len(sharing.store) == 4 * 2 * len(sharing.blocks)  # steps x evaluations x layers
+    sharing.plan = lambda i: "inject"
+    inj = sample(lambda x, t: bridge.model(x, t, cond, ctx=ctx), latents, "rf2", schedule=grid, step_context=ctx).x
+    torch.testing.assert_close(inj, rec, rtol=0, atol=0)
+
+
+def test_rf_edit_under_a_full_compute_cache_on_the_bridge_is_rf_edit():
+    bridge, cond, neg, latents = _edit_case("flux")
+    alone = bridge.edit(latents, cond, neg, inject_steps=2, solver="rf2", steps=4, cfg=2.0, negative=neg)
+    cached = bridge.edit(latents, cond, neg, inject_steps=2, solver="rf2", steps=4, cfg=2.0, negative=neg,
+                         accel="fora:interval=1,cache=stack")
+    torch.testing.assert_close(cached.images, alone.images, rtol=0, atol=0)
+    with pytest.raises(ConfigError, match="negative"):
+        bridge.edit(latents, cond, neg, cfg=2.0)

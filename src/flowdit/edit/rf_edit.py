@@ -34,7 +34,7 @@ knows nothing about editing.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Iterable, Optional, Union
+from typing import Any, Callable, Iterable, Optional, Union
 
 import torch
 from torch import Tensor
@@ -45,12 +45,13 @@ from flowdit.inference.velocity import model_velocity
 from flowdit.sampling.sample import ADAPTIVE_METHODS, sample
 from flowdit.sampling.solvers import Solver
 
-from .inversion import inversion_grid, sampling_grid
+from .inversion import sampling_grid
 
 __all__ = ["ValueSharing", "value_sharing", "rf_edit", "EditResult", "default_edit_blocks", "edit_blocks",
            "MODES"]
 
 MODES = ("off", "record", "inject")
+Cond = Any  # class indices [N], or a dict of [N, ...] tensors (a text condition)
 
 
 class ValueSharing(Hook):
@@ -191,23 +192,55 @@ class EditResult:
     nfe_edit: int
 
 
+def _check_condition(name: str, cond: Optional[Cond], n: int) -> None:
+    """A condition for ``n`` images: class indices ``[n]``, a dict of ``[n, ...]`` tensors
+    (a text condition), or ``None``."""
+    if cond is None:
+        return
+    rows = {k: v.shape[0] if isinstance(v, Tensor) and v.dim() else None for k, v in cond.items()} \
+        if isinstance(cond, dict) else {"": cond.shape[0] if isinstance(cond, Tensor) and cond.dim() == 1 else None}
+    bad = [k for k, r in rows.items() if r != n]
+    if bad:
+        what = "labels [N]" if not isinstance(cond, dict) else f"condition tensors [N, ...] (not {', '.join(bad)})"
+        raise ConfigError(f"{name} must be {what} with N = {n} images")
+
+
+def _rows(cond: Optional[Cond], lo: int, hi: int, device: torch.device) -> Optional[Cond]:
+    if cond is None:
+        return None
+    if isinstance(cond, dict):
+        return {k: v[lo:hi].to(device) for k, v in cond.items()}
+    return cond[lo:hi].to(device)
+
+
 @torch.no_grad()
-def rf_edit(model, images: Tensor, source: Optional[Tensor], target: Optional[Tensor], inject_steps: int = 2,
+def rf_edit(model, images: Tensor, source: Optional[Cond], target: Optional[Cond], inject_steps: int = 2,
             solver: Union[str, Solver] = "rf2", steps: int = 10, shift: float = 1.0,
             blocks: Optional[Iterable[int]] = None, cfg_scale: float = 1.0, amp_dtype: Optional[torch.dtype] = None,
             batch_size: int = 256, device: Union[str, torch.device] = "cpu",
-            policy: Optional[BlockPolicy] = None) -> EditResult:
-    """Edit images ``[N, C, H, W]`` from condition ``source [N]`` to ``target [N]`` (RF-Edit).
+            policy: Optional[BlockPolicy] = None, negative: Optional[Cond] = None,
+            grid: Optional[Tensor] = None) -> EditResult:
+    """Edit images ``[N, C, H, W]`` from condition ``source`` to ``target`` (RF-Edit).
 
     Inverts unguided under ``source`` recording V on ``blocks`` for the steps that will be
     injected, then regenerates under ``target`` (guided with ``cfg_scale``) injecting V in the
     first ``inject_steps`` steps. ``inject_steps = 0`` is plain inversion + regeneration.
-    ``blocks``: indices into ``model.attention_modules()`` (a list or a ``range``); ``None``
-    takes ``edit_blocks``' default (the second half of a DiT's blocks). ``policy``: a block
-    policy (a cache, ``flowdit.accel.build_policy``) active in both passes next to the
-    value sharing; its state restarts with each pass. Values are recorded only on calls
-    that run the sharing layers, so a call a cache skips while inverting has nothing to
-    inject later and regenerates with its own values.
+
+    Args:
+        source, target: class indices ``[N]`` (``None``: the null class), or text
+            conditions (dicts of ``[N, ...]`` tensors, e.g. a diffusers adapter's
+            ``text_condition``).
+        blocks: indices into ``model.attention_modules()`` (a list or a ``range``); ``None``
+            takes ``edit_blocks``' default (the model's ``rf_edit_blocks()``, or the second
+            half of a DiT's blocks).
+        policy: a block policy (a cache, ``flowdit.accel.build_policy``) active in both
+            passes next to the value sharing; its state restarts with each pass. Values are
+            recorded only on calls that run the sharing layers, so a call a cache skips
+            while inverting has nothing to inject later and regenerates with its own values.
+        negative: the null condition of the guided regeneration (default: the model's
+            ``null_class``); needed for a text-conditioned model with ``cfg_scale != 1``.
+        grid: the sampling time grid (``[steps + 1]``, 1 -> 0; a pipeline's own); inversion
+            runs it backwards. Default: ``sampling_grid(steps, shift)``.
     """
     if int(inject_steps) != inject_steps or not 0 <= inject_steps <= steps:
         raise ConfigError(f"inject_steps must be an integer in 0..steps={steps}, got {inject_steps!r}")
@@ -215,9 +248,17 @@ def rf_edit(model, images: Tensor, source: Optional[Tensor], target: Optional[Te
         raise ConfigError(f"RF-Edit pairs the evaluations of fixed steps; adaptive solver {solver!r} has none")
     if not isinstance(images, Tensor) or images.dim() != 4:
         raise ConfigError(f"images must be a tensor [N, C, H, W], got {getattr(images, 'shape', images)}")
-    for name, lab in (("source", source), ("target", target)):
-        if lab is not None and (lab.dim() != 1 or lab.shape[0] != images.shape[0]):
-            raise ConfigError(f"{name} labels must be [N] = [{images.shape[0]}], got {tuple(lab.shape)}")
+    for name, cond in (("source", source), ("target", target), ("negative", negative)):
+        _check_condition(name, cond, images.shape[0])
+    if cfg_scale != 1.0 and negative is None and getattr(model, "null_class", None) is None:
+        raise ConfigError("cfg_scale != 1 needs a negative condition for a model without a null class")
+    if grid is None:
+        gen_grid = sampling_grid(steps, shift)
+    else:
+        gen_grid = torch.as_tensor(grid, dtype=torch.float64).flatten()
+        if gen_grid.numel() != steps + 1 or not bool((gen_grid.diff() < 0).all()):
+            raise ConfigError(f"grid must be a decreasing time grid of steps + 1 = {steps + 1} times")
+    inv_grid = gen_grid.flip(0)
     if policy is not None and "token_layout" in getattr(policy, "requires", ()):
         raise ConfigError(f"RF-Edit cannot run under {policy!r}: it changes which tokens attention sees, "
                           "so recorded values would not line up")
@@ -228,17 +269,17 @@ def rf_edit(model, images: Tensor, source: Optional[Tensor], target: Optional[Te
     ctx = StepContext(block_policy=policy, hooks=[sharing])
     outs, noises, nfe_inv, nfe_edit = [], [], 0, 0
     for lo in range(0, len(images), batch_size):
-        x = images[lo:lo + batch_size].to(device).float()
-        ys = None if source is None else source[lo:lo + batch_size].to(device)
-        yt = None if target is None else target[lo:lo + batch_size].to(device)
+        hi = lo + batch_size
+        x = images[lo:hi].to(device).float()
+        ys, yt, yn = (_rows(c, lo, hi, device) for c in (source, target, negative))
         sharing.clear()
         # Inversion step i mirrors regeneration step steps-1-i: record only those injected later.
         sharing.plan = lambda i: "record" if i >= steps - k else "off"
         z = sample(model_velocity(model, ys, 1.0, amp_dtype, ctx=ctx), x, solver,
-                   schedule=inversion_grid(steps, shift), step_context=ctx)
+                   schedule=inv_grid, step_context=ctx)
         sharing.plan = lambda i: "inject" if i < k else "off"
-        out = sample(model_velocity(model, yt, cfg_scale, amp_dtype, ctx=ctx), z.x, solver,
-                     schedule=sampling_grid(steps, shift), step_context=ctx)
+        out = sample(model_velocity(model, yt, cfg_scale, amp_dtype, ctx=ctx, null=yn), z.x, solver,
+                     schedule=gen_grid, step_context=ctx)
         sharing.clear()
         outs.append(out.x.float().cpu())
         noises.append(z.x.float().cpu())

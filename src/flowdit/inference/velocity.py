@@ -44,7 +44,8 @@ class ModelVelocity:
 
 
 def model_velocity(model: Callable, y: Any, cfg_scale: float = 1.0, amp_dtype: Optional[torch.dtype] = None,
-                   ctx: Optional[StepContext] = None, interval: Optional[tuple[float, float]] = None) -> ModelVelocity:
+                   ctx: Optional[StepContext] = None, interval: Optional[tuple[float, float]] = None,
+                   null: Any = None) -> ModelVelocity:
     """Velocity function ``fn(x [B, ...], t [B]) -> v`` (float32) of a class-conditional model.
 
     Args:
@@ -58,11 +59,18 @@ def model_velocity(model: Callable, y: Any, cfg_scale: float = 1.0, amp_dtype: O
             ``ctx=ctx``: its ``branch`` is set per call, and a block policy's
             ``cfg_mode="split"`` runs the two branches as two calls.
         interval: optional ``(t_lo, t_hi)``: guidance only for ``t_lo <= t <= t_hi``.
+        null: the unconditional branch's condition (a negative prompt's condition for a
+            text-conditioned model); default the model's ``null_class``.
     """
-    null = getattr(model, "null_class", None)
+    null_class = getattr(model, "null_class", None)
     if y is None:
-        if null is None:
+        if null_class is None:
             raise ConfigError("y=None needs a model with a null_class attribute")
-        y = torch.full((1,), null, dtype=torch.long)
-    guided = cfg_velocity(model, y, null if null is not None else 0, cfg_scale, interval=interval, ctx=ctx)
+        y = torch.full((1,), null_class, dtype=torch.long)
+    if null is None:
+        if null_class is None and cfg_scale != 1:
+            raise ConfigError("guidance needs a null condition: pass null= for a model without a null_class")
+        # Unguided: the null branch never runs, so any condition of y's form will do.
+        null = null_class if null_class is not None else y
+    guided = cfg_velocity(model, y, null, cfg_scale, interval=interval, ctx=ctx)
     return ModelVelocity(guided, amp_dtype)

@@ -30,13 +30,17 @@ pipeline folder offline and samples (or inverts) with flowdit's solvers, guidanc
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Optional, Sequence
 
 import torch
 from torch import Tensor, nn
 
 from flowdit.accel.base import check_policy
+from flowdit.core.hooks import StepContext, attention_hooks, output_hooks
 from flowdit.errors import ConfigError
+
+if TYPE_CHECKING:
+    from flowdit.edit.rf_edit import EditResult
 
 __all__ = [
     "DiffusersTransformer",
@@ -82,6 +86,7 @@ class _Call:
 
     n_txt: int = 0
     rotary: Any = None
+    ctx: Optional[StepContext] = None
 
 
 class _StackBlock:
@@ -96,7 +101,7 @@ class _StackBlock:
     def __init__(self, block: nn.Module, call: _Call, rotary: bool):
         self.block, self._call, self._rotary = block, call, rotary
 
-    def __call__(self, tokens: Tensor, temb: Tensor, ctx: Any = None) -> Tensor:
+    def __call__(self, tokens: Tensor, temb: Tensor, ctx: Optional[StepContext] = None) -> Tensor:
         n = self._call.n_txt
         txt, img = tokens[:, :n].contiguous(), tokens[:, n:].contiguous()
         kw = {"image_rotary_emb": self._call.rotary} if self._rotary else {}
@@ -120,6 +125,33 @@ class DiffusersTransformer(nn.Module):
         self.blocks: list[_StackBlock] = []
         cfg = transformer.config
         self.hidden_size = int(cfg.num_attention_heads * cfg.attention_head_dim)
+        self._value_handles: list = []
+
+    def _install_value_hooks(self) -> None:
+        """Route every attention layer's value projection through the step context's
+        ``attention`` hooks (RF-Edit's value sharing). The hooks are torch forward hooks on
+        ``attn.to_v``; they do nothing unless a flowdit call with attention hooks runs."""
+        for attn in self.attention_modules():
+            self._value_handles.append(attn.to_v.register_forward_hook(self._value_hook(attn)))
+
+    def _value_hook(self, attn: nn.Module):
+        def hook(module, args, out):
+            ctx = self._call.ctx
+            if ctx is None or not ctx.hooks.attention:
+                return None
+            b, n, d = out.shape
+            v = out.view(b, n, attn.heads, d // attn.heads).transpose(1, 2)
+            _, _, new = attention_hooks(attn, None, None, v, ctx)
+            return None if new is v else new.transpose(1, 2).reshape(b, n, d)
+        return hook
+
+    def attention_modules(self) -> list[nn.Module]:
+        """The attention layer of every block, in block order (joint blocks, then FLUX's
+        single-stream blocks). On these models the ``attention`` hook point sees the values
+        only: ``q`` and ``k`` are ``None`` and ``v [B, H, N, Dh]`` is the value projection
+        of the block's attention input (SD3 and FLUX joint blocks: the image stream; FLUX
+        single-stream blocks: the joined ``[txt; img]`` sequence)."""
+        return [block.attn for block in self.raw_blocks()]
 
     # -- the pieces each family defines ------------------------------------------------
 
@@ -147,23 +179,32 @@ class DiffusersTransformer(nn.Module):
         if x.dim() != 4:
             raise ConfigError(f"x must be a latent [B, C, H, W], got shape {tuple(x.shape)}")
 
-    def forward(self, x: Tensor, t: Tensor | float, y: dict, ctx: Any = None) -> Tensor:
+    def forward(self, x: Tensor, t: Tensor | float, y: dict, ctx: Optional[StepContext] = None) -> Tensor:
         """Velocity ``v [B, C, H, W]`` at ``(x_t, t)`` for the text condition ``y``."""
         self._check(x, y)
         t = torch.as_tensor(t, device=x.device, dtype=torch.float32)
         if t.dim() == 0:
             t = t.expand(x.shape[0])
         img, txt, temb = self.embed(x, t, y)
-        policy = getattr(ctx, "block_policy", None)
-        if policy is None:
-            kw = self.block_kwargs()
-            for block in self.raw_blocks():
-                txt, img = block(hidden_states=img, encoder_hidden_states=txt, temb=temb, **kw)
-        else:
-            check_policy(self, policy)
-            tokens = policy.run(self, torch.cat([txt, img], dim=1), temb, ctx)
-            img = tokens[:, txt.shape[1]:]
-        return self.output(img, temb, x).to(x.dtype)
+        policy = None if ctx is None else ctx.hooks.stack
+        if ctx is not None and ctx.hooks.attention and any(
+                getattr(a, "fused_projections", False) for a in self.attention_modules()):
+            raise ConfigError("attention hooks (RF-Edit) need unfused projections: call "
+                              "transformer.unfuse_qkv_projections() first")
+        self._call.ctx = ctx
+        try:
+            if policy is None:
+                kw = self.block_kwargs()
+                for block in self.raw_blocks():
+                    txt, img = block(hidden_states=img, encoder_hidden_states=txt, temb=temb, **kw)
+            else:
+                check_policy(self, policy)
+                tokens = policy.run(self, torch.cat([txt, img], dim=1), temb, ctx)
+                img = tokens[:, txt.shape[1]:]
+        finally:
+            self._call.ctx = None
+        v = self.output(img, temb, x).to(x.dtype)
+        return v if ctx is None or not ctx.hooks.after_output else output_hooks(self, v, ctx)
 
     def modulated_input(self, tokens: Tensor, temb: Tensor) -> Tensor:
         """TeaCache's signal: the first block's ``norm1`` applied to the image tokens of the
@@ -194,6 +235,7 @@ class SD3Transformer(DiffusersTransformer):
         super().__init__(transformer)
         self.blocks = [_StackBlock(b, self._call, rotary=False) for b in transformer.transformer_blocks]
         self.patch_size = int(transformer.config.patch_size)
+        self._install_value_hooks()
 
     def raw_blocks(self):
         return self.transformer.transformer_blocks
@@ -265,6 +307,18 @@ class FluxTransformer(DiffusersTransformer):
         self.guidance = None if guidance is None else float(guidance)
         self.blocks = [_StackBlock(b, self._call, rotary=True)
                        for b in (*transformer.transformer_blocks, *transformer.single_transformer_blocks)]
+        self._install_value_hooks()
+
+    def rf_edit_blocks(self) -> list[int]:
+        """RF-Edit's reference block set (``FLUX_Image_Edit/src/flux/modules/layers.py``,
+        ``SingleStreamBlock.forward``: ``info['id'] > 19``): the single-stream blocks 20-37
+        of FLUX.1's 38, as indices into ``attention_modules()`` (after the joint blocks).
+        A model with ``n`` single-stream blocks shares the last ones from
+        ``round(20 n / 38)`` on, the same fraction."""
+        n_joint = len(self.transformer.transformer_blocks)
+        n_single = len(self.transformer.single_transformer_blocks)
+        start = min(round(20 * n_single / 38), n_single - 1)
+        return [n_joint + i for i in range(start, n_single)]
 
     def raw_blocks(self):
         return (*self.transformer.transformer_blocks, *self.transformer.single_transformer_blocks)
@@ -417,3 +471,24 @@ class DiffusersBridge:
             fn = cfg_velocity(self.model, cond, negative, cfg, ctx=ctx)
         grid = self.grid(steps, noise.shape[-2], noise.shape[-1])
         return sample(fn, noise, solver=solver, schedule=grid, step_context=ctx, progress=progress).x
+
+    def edit(self, latents: Tensor, source: dict, target: dict, inject_steps: int = 2, solver: str = "rf2",
+             steps: int = 28, negative: Optional[dict] = None, cfg: float = 1.0, blocks: Optional[Sequence[int]] = None,
+             accel: Any = None) -> "EditResult":
+        """RF-Edit a latent ``[B, C, H, W]`` from the ``source`` to the ``target`` text
+        condition (``flowdit.edit.rf_edit``) on the pipeline's time grid: invert under
+        ``source``, regenerate under ``target`` (guided with ``cfg`` against ``negative``),
+        sharing attention values in ``blocks`` (default: the model's reference set, FLUX's
+        late single-stream blocks; for SD3 the second half of its joint blocks) for the
+        first ``inject_steps`` steps. ``accel``: a block policy run in both passes."""
+        from flowdit.accel import build_policy
+        from flowdit.edit.rf_edit import rf_edit
+
+        if cfg != 1.0 and negative is None:
+            raise ConfigError("cfg != 1 needs a negative prompt condition")
+        policy = build_policy(accel) if isinstance(accel, str) else accel
+        check_policy(self.model, policy)
+        grid = self.grid(steps, latents.shape[-2], latents.shape[-1])
+        return rf_edit(self.model, latents, source, target, inject_steps, solver, steps, blocks=blocks, cfg_scale=cfg,
+                       batch_size=latents.shape[0], device=latents.device, policy=policy, negative=negative,
+                       grid=grid)
