@@ -2,5 +2,7 @@
 
 ``flowdit.interop.diffusers`` wraps diffusers' ``SD3Transformer2DModel`` and
 ``FluxTransformer2DModel`` as flowdit velocity models (``pip install flowdit[diffusers]``).
+``flowdit.interop.checkpoints`` imports the public DiT (DDPM epsilon) and SiT (linear-path
+velocity) checkpoints into flowdit's DiT, wrapped as flowdit velocity models (no extra needed).
 Nothing here is imported by ``import flowdit``.
 """

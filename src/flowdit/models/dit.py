@@ -3,9 +3,10 @@ Models with Transformers", ICCV 2023), predicting the rectified-flow velocity.
 
 ``DiT(x_t, t, y) -> v_hat``: ``x_t [B, C, H, W]``, ``t [B]`` in ``[0, 1]`` (t = 0 data),
 ``y [B]`` class indices (``num_classes`` is the null class). Parameter names match the
-public DiT / SiT checkpoints, but flowdit has no importer for them yet: their learned-sigma
-channels are not part of this model (``out_channels == in_channels``), and their time and
-target conventions differ (docs/conventions.md).
+public DiT / SiT checkpoints; ``flowdit.interop.checkpoints`` imports them (dropping their
+learned-sigma channels, which are not part of this model: ``out_channels == in_channels``)
+into a DiT with ``time_scale = 1`` and wraps it to convert their time and target
+conventions (docs/conventions.md, docs/interop.md).
 """
 
 from __future__ import annotations
