@@ -109,7 +109,12 @@ def run_case(root: Path, name: str, overrides: list[str]) -> dict:
         for _ in range(STEPS):
             out = tr.train_step()
             losses.append(float(out["loss"]).hex())
-        return {"overrides": [o.replace(str(root), "<tmp>") for o in overrides], "losses": losses,
+        obj = tr.objective
+        chosen = getattr(obj, "name", "") or type(obj).__name__
+        if getattr(obj, "inner", None) is not None:
+            chosen += f"({obj.inner.name})"
+        return {"overrides": [o.replace(str(root), "<tmp>") for o in overrides], "objective": chosen,
+                "losses": losses,
                 "draws_step_1": draws, "model": digest(tr.model.parameters()), "ema": digest(tr.ema.parameters())}
     finally:
         tr.close()
