@@ -9,41 +9,30 @@ types and defaults). The whole tree is validated when it is built, before any da
 or any step is run: each section checks its own keys, :meth:`RunConfig.validate` the
 combinations and the names that registries resolve (model, solver, time sampler, data set).
 Messages use the keys as the user writes them (``train.keep_ckpts``).
+
+The sections of the training objectives live with them (:mod:`flowdit.train.objectives`):
+``flow`` (:class:`FlowSection`, shared by every objective and the trainer's draws) and
+``distill`` (:class:`DistillSection`), re-exported here. :class:`RunConfig` is the core
+sections plus one field per section the registered objectives bring.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import os
-from dataclasses import dataclass, field
-from typing import Any, Literal, Optional
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Literal, Optional
 
 from ..errors import ConfigError
+from .objectives import DistillSection, FlowSection, check_objectives, objective_sections
+from .sections import absolute_path, key, non_negative, positive
 
 # The largest seed every consumer accepts (torch.manual_seed takes up to 2**64 - 1, NumPy's
 # SeedSequence any non-negative int; a signed 64-bit bound keeps both happy).
 MAX_SEED = 2**63 - 1
 
 
-def _key(default: Any = None, help: str = "", factory: Any = None):
-    """A config field with its one-line help (``flowdit train --list-keys``)."""
-    if factory is not None:
-        return field(default_factory=factory, metadata={"help": help})
-    return field(default=default, metadata={"help": help})
-
-
-def _positive(section: str, obj: Any, *keys: str) -> None:
-    for k in keys:
-        v = getattr(obj, k)
-        if v is not None and not v > 0:
-            raise ConfigError(f"{section}.{k} must be positive, got {v}")
-
-
-def _non_negative(section: str, obj: Any, *keys: str) -> None:
-    for k in keys:
-        v = getattr(obj, k)
-        if v is not None and v < 0:
-            raise ConfigError(f"{section}.{k} must be >= 0, got {v}")
+# The section helpers, under the names this module has always used.
+_key, _positive, _non_negative = key, positive, non_negative
 
 
 def check_seed(value: int, name: str) -> int:
@@ -136,82 +125,6 @@ class DataSection:
 
 
 @dataclass
-class FlowSection:
-    """The rectified-flow objective: how t is drawn, the loss, and label dropout for CFG.
-
-    ``loss``: ``mse``, ``huber`` (pseudo-Huber, ``huber_c``) or ``rfpp``, the 2-rectified
-    flow++ loss on pairs: ``(1 - t)`` pseudo-Huber plus ``perceptual_weight / t`` times the
-    ``perceptual`` distance of the data estimate (:func:`flowdit.distill.rfpp_loss`).
-    ``perceptual``: ``guide`` (LPIPS-style distance on the data set's shipped guide network)
-    or ``lpips`` (the ``lpips`` package, where installed with its weights); also used by
-    ``distill.loss=perceptual``.
-    """
-
-    time_sampler: str = _key("logit_normal:m=0,s=1", "how t is drawn: uniform, logit_normal:m=,s=, mode:scale=, "
-                                                     "cosmap, u_shaped:a=")
-    shift: float = _key(1.0, "resolution shift t' = a t / (1 + (a - 1) t), the same at train and sample time")
-    loss: Literal["mse", "huber", "rfpp"] = _key("mse", "mse, huber (pseudo-Huber) or rfpp (2-rectified flow++ on "
-                                                        "data.pairs)")
-    huber_c: Optional[float] = _key(None, "pseudo-Huber constant (null: 0.00054 sqrt(D))")
-    label_dropout: float = _key(0.1, "probability of the null class (classifier-free guidance)")
-    perceptual: Literal["guide", "lpips"] = _key("guide", "perceptual distance of rfpp and distill.loss=perceptual")
-    perceptual_weight: float = _key(1.0, "weight of the perceptual term of rfpp")
-
-    def validate(self) -> None:
-        from ..core.timesteps import build_time_sampler
-
-        if not 0.0 <= self.label_dropout < 1.0:
-            raise ConfigError(f"flow.label_dropout must be in [0, 1), got {self.label_dropout}")
-        if self.shift <= 0:
-            raise ConfigError(f"flow.shift must be positive, got {self.shift}")
-        if self.huber_c is not None and not self.huber_c > 0:
-            raise ConfigError(f"flow.huber_c must be positive, got {self.huber_c}")
-        if self.perceptual_weight < 0:
-            raise ConfigError(f"flow.perceptual_weight must be >= 0, got {self.perceptual_weight}")
-        try:
-            build_time_sampler(self.time_sampler)
-        except ConfigError as e:
-            raise ConfigError(f"flow.time_sampler: {e}") from None
-
-
-@dataclass
-class DistillSection:
-    """Distillation on ``data.pairs`` (all off by default, which is plain reflow).
-
-    ``steps``: ``k >= 1`` trains a k-step student: t only on the grid ``1, (k-1)/k, ..., 1/k``
-    (1: one-step), ``loss`` the distance (``mse``, ``huber`` or ``perceptual``); 0: off.
-    ``teacher``: a run directory; adds SlimFlow's flow-guided term (two-step target from
-    that teacher on fresh noise, weight ``teacher_weight``); needs ``steps=1``.
-    ``anneal_steps``: SlimFlow's annealing reflow, the pair noise blended with fresh noise,
-    ``sqrt(1 - b^2) z + b eps``, ``b`` from 1 to 0 over that many steps by
-    ``anneal_schedule`` (``linear``, ``cos``, ``exp``); 0: off. ``flip``: flip each pair's
-    data and noise left-right together with probability 1/2.
-    """
-
-    steps: int = _key(0, "k-step distillation on data.pairs (t on 1, (k-1)/k, ..., 1/k); 0: off")
-    loss: Literal["mse", "huber", "perceptual"] = _key("mse", "distance of the distillation loss")
-    teacher: Optional[str] = _key(None, "run directory of the SlimFlow flow-guided teacher (needs distill.steps=1)")
-    teacher_weight: float = _key(1.0, "weight of the flow-guided term")
-    anneal_steps: int = _key(0, "SlimFlow annealing reflow over this many steps; 0: off")
-    anneal_schedule: Literal["linear", "cos", "exp"] = _key("linear", "schedule of the annealing randomness")
-    flip: bool = _key(False, "flip each pair's data and noise left-right together with probability 1/2")
-
-    @property
-    def active(self) -> bool:
-        return bool(self.steps or self.teacher or self.anneal_steps or self.flip)
-
-    def validate(self) -> None:
-        if self.steps < 0 or self.anneal_steps < 0:
-            raise ConfigError(f"distill.steps and distill.anneal_steps must be >= 0, got {self.steps}, "
-                              f"{self.anneal_steps}")
-        if self.teacher and self.steps != 1:
-            raise ConfigError(f"distill.teacher (flow-guided distillation) is a one-step method: set distill.steps=1, "
-                              f"got distill.steps={self.steps}")
-        if self.teacher_weight < 0:
-            raise ConfigError(f"distill.teacher_weight must be >= 0, got {self.teacher_weight}")
-
-
-@dataclass
 class OptimSection:
     """AdamW with linear warm-up, gradient clipping and an EMA of the weights."""
 
@@ -292,8 +205,9 @@ class SampleSection:
 
 
 @dataclass
-class RunConfig:
-    """A complete training run. Outputs go to ``<out_dir>/<name>/``."""
+class CoreConfig:
+    """The sections of a training run every objective shares; :class:`RunConfig` adds the
+    sections the training objectives bring (:func:`flowdit.train.objectives.objective_sections`)."""
 
     name: str = _key("digits", "run name: the run directory is out_dir/name")
     out_dir: str = _key("runs", "directory holding the runs; relative to the working directory")
@@ -303,22 +217,16 @@ class RunConfig:
     optim: OptimSection = _key(factory=OptimSection)
     train: TrainSection = _key(factory=TrainSection)
     sample: SampleSection = _key(factory=SampleSection)
-    distill: DistillSection = _key(factory=DistillSection)
 
     def validate(self) -> None:
-        """Checks across sections: what needs coupling pairs, which losses combine, and
-        whether the model fits the data set's shape."""
+        """Checks across sections: the objectives' own (what needs coupling pairs, which
+        losses combine, :func:`flowdit.train.objectives.check_objectives`) and whether the
+        model fits the data set's shape."""
         if not self.name or self.name in (".", "..") or "/" in self.name or "\\" in self.name:
             raise ConfigError(f"name must be a plain directory name (no '/'), got {self.name!r}")
         if not self.out_dir:
             raise ConfigError("out_dir must not be empty")
-        if self.distill.active and not self.data.pairs:
-            raise ConfigError("distill.* options train on coupling pairs: set data.pairs (flowdit reflow pairs)")
-        if self.flow.loss == "rfpp" and not self.data.pairs:
-            raise ConfigError("flow.loss=rfpp is the 2-rectified flow++ reflow loss: set data.pairs")
-        if self.flow.loss == "rfpp" and self.distill.steps:
-            raise ConfigError("flow.loss=rfpp trains the flow at all t; for distillation (distill.steps > 0) choose "
-                              "the distance with distill.loss")
+        check_objectives(self)
         channels, size = self.data.shape()
         if size:  # a folder without data.image_size is refused when the data set is built
             from ..models.registry import model_config
@@ -328,20 +236,39 @@ class RunConfig:
             except ConfigError as e:
                 raise ConfigError(f"model: {e} (for {size}x{size} {self.data.dataset} images)") from None
 
-    def resolved(self) -> "RunConfig":
-        """A copy whose input paths (``data.root``, ``data.pairs``, ``train.init_from``,
-        ``distill.teacher``) are absolute, resolved against the working directory; what a
+    def resolved(self):
+        """A copy whose input paths (``data.root``, ``data.pairs``, ``train.init_from``, and
+        those of the objectives' sections, e.g. ``distill.teacher``: each section with a
+        ``resolved()`` method) are absolute, resolved against the working directory; what a
         run records in its ``config.yaml``."""
-
-        def absolute(p: Optional[str]) -> Optional[str]:
-            return None if p is None else os.path.abspath(os.path.expanduser(p))
-
+        sections = {name: getattr(self, name).resolved() for name in objective_sections()
+                    if callable(getattr(getattr(self, name), "resolved", None))}
         return dataclasses.replace(
             self,
-            data=dataclasses.replace(self.data, root=absolute(self.data.root), pairs=absolute(self.data.pairs)),
-            train=dataclasses.replace(self.train, init_from=absolute(self.train.init_from)),
-            distill=dataclasses.replace(self.distill, teacher=absolute(self.distill.teacher)),
+            data=dataclasses.replace(self.data, root=absolute_path(self.data.root),
+                                     pairs=absolute_path(self.data.pairs)),
+            train=dataclasses.replace(self.train, init_from=absolute_path(self.train.init_from)),
+            **sections,
         )
+
+
+def _run_config_class() -> type:
+    """:class:`CoreConfig` plus one field per objective section, after the core ones."""
+    fields = [(name, section, _key(factory=section)) for name, section in objective_sections().items()]
+    cls = dataclasses.make_dataclass("RunConfig", fields, bases=(CoreConfig,), namespace={
+        "__doc__": """A complete training run. Outputs go to ``<out_dir>/<name>/``. The core sections
+    (:class:`CoreConfig`), then the training objectives' (``distill``: :class:`DistillSection`)."""})
+    cls.__module__ = __name__
+    return cls
+
+
+if TYPE_CHECKING:
+    class RunConfig(CoreConfig):
+        """A complete training run (see :func:`_run_config_class`)."""
+
+        distill: DistillSection
+else:
+    RunConfig = _run_config_class()
 
 
 # Keys whose change on --resume leaves the weights' trajectory as it was: how long the run

@@ -2,12 +2,13 @@
 ``torchrun`` data parallelism, atomic checkpoints and exact resume.
 
 Determinism. Every random draw of a step (the noise ``eps``, the time ``t``, the label
-dropout) is made for the whole global batch from a generator seeded by ``(seed, step)``,
-and each process takes its slice by global sample index. The data order is a permutation
-seeded by ``(seed, epoch)``. So the samples a step sees, and what is drawn for each of
-them, depend neither on the number of processes nor on whether the run was resumed:
-a 2-process run equals a 1-process run with the same global batch up to the order of
-floating-point reductions, and a resumed run continues the same loss curve.
+dropout, then the training objective's own) is made for the whole global batch from a
+generator seeded by ``(seed, step)`` (an objective may use further streams seeded by
+``(seed, k, step)``), and each process takes its slice by global sample index. The data
+order is a permutation seeded by ``(seed, epoch)``. So the samples a step sees, and what
+is drawn for each of them, depend neither on the number of processes nor on whether the
+run was resumed: a 2-process run equals a 1-process run with the same global batch up to
+the order of floating-point reductions, and a resumed run continues the same loss curve.
 
 Never losing a run. The main process holds an exclusive lock on the run directory
 (:class:`flowdit.utils.files.DirLock`) from construction to the end of :meth:`Trainer.fit`.
@@ -34,8 +35,6 @@ from tqdm.auto import tqdm
 
 from ..core.timesteps import build_time_sampler, shift_time
 from ..data import build_dataset
-from ..distill.onestep import distill_times
-from ..distill.slimflow import anneal_randomness, guide_times, joint_flip, mix_noise
 from ..errors import CheckpointError, ConfigError, FlowditError
 from ..models import DiT, build_model
 from ..utils.config import config_diff, from_dict, save_config, to_dict
@@ -53,7 +52,7 @@ from .checkpoint import (
     verify_checkpoint,
 )
 from .config import RESUME_FREE_KEYS, RunConfig
-from .objective import Objective
+from .objectives import StepDraws, build_objective
 
 # What a trainer state must hold to continue a run exactly.
 _STATE_KEYS = ("step", "optimizer", "torch_rng")
@@ -98,7 +97,8 @@ def existing_run(run_dir: Path) -> Optional[str]:
     return None
 
 
-_DATA_STREAM, _NOISE_STREAM, _GUIDE_STREAM = 1, 2, 3
+# The trainer's seeded streams; an objective's own start at objectives.FIRST_OBJECTIVE_STREAM.
+_DATA_STREAM, _NOISE_STREAM = 1, 2
 
 
 def global_batch_indices(step: int, batch_size: int, num_items: int, seed: int) -> torch.Tensor:
@@ -149,7 +149,8 @@ def update_ema(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> No
 
 
 class Trainer:
-    """Trains a class-conditional DiT with the rectified-flow objective.
+    """Trains a class-conditional DiT with the training objective the config selects
+    (:func:`flowdit.train.objectives.build_objective`; the rules in docs/training.md).
 
     ``Trainer(cfg).fit()`` writes ``<out_dir>/<name>/``: ``config.yaml``,
     ``metrics.jsonl``, ``checkpoints/step_*/`` and, when asked, sample grids.
@@ -209,7 +210,7 @@ class Trainer:
         self.ema: DiT = copy.deepcopy(self.model).requires_grad_(False).eval()
         self.time_sampler = build_time_sampler(cfg.flow.time_sampler)
         self.amp_dtype = autocast_dtype(tc.precision, self.device)
-        self.objective = Objective(cfg, self.dataset, self.device, self.amp_dtype)
+        self.objective = build_objective(cfg, self.dataset, self.device, self.amp_dtype)
         self.optimizer = torch.optim.AdamW(
             self.model.parameters(), lr=cfg.optim.lr, betas=tuple(cfg.optim.betas), weight_decay=cfg.optim.weight_decay,
         )
@@ -401,9 +402,15 @@ class Trainer:
         d = self.cfg.optim.ema_decay
         return min(d, (1 + step) / (10 + step)) if self.cfg.optim.ema_warmup else d
 
-    def draw(self, step: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Images, labels, noise, times and the dropout mask of this process's share of
-        the global batch of ``step`` (see the module docstring)."""
+    def draw_step(self, step: int) -> dict:
+        """This process's share of the global batch of ``step`` (see the module docstring):
+        ``x0, y, eps, t, idx`` (data or pair ends, labels with the dropped ones set to the
+        null class, times, data indices) and ``extras``, the objective's own draws.
+
+        Order of the draws from the step's noise stream: the noise, the times (then
+        ``flow.shift``), the label dropout, then the objective's
+        (:meth:`flowdit.train.objectives.TrainingObjective.draw`); so an objective that draws
+        nothing leaves the others' streams as they are."""
         tc, G = self.cfg.train, self.cfg.train.batch_size
         idx = global_batch_indices(step, G, len(self.pairs if self.pairs is not None else self.dataset), tc.seed)
         g = seeded_generator(tc.seed, _NOISE_STREAM, step)
@@ -413,36 +420,28 @@ class Trainer:
         drop = torch.rand(G, generator=g) < self.cfg.flow.label_dropout
         if self.cfg.flow.shift != 1.0:
             t = shift_time(t, self.cfg.flow.shift)
-        # Distillation draws come after the ones above, so plain runs keep their streams.
-        d = self.cfg.distill
-        if d.steps:  # k-step distillation: t only on the student's Euler grid
-            t = distill_times(d.steps, torch.rand(G, generator=g))
-        flip = torch.rand(G, generator=g) < 0.5 if d.flip else None
+        draws = StepDraws(step=step, eps=eps, t=t, seed=tc.seed)
+        extras = self.objective.draw(draws, g)
+        t = draws.t
         share = G // self.dist.world_size
         lo = self.dist.rank * share
         sl = slice(lo, lo + share)
+        extras = {k: v[sl] for k, v in extras.items()}
         if self.pairs is not None:  # reflow: the coupling's own noise replaces the fresh draw
             x0, y, z = self.pairs.sample[idx[sl]], self.pairs.label[idx[sl]], self.pairs.noise[idx[sl]]
-            if d.anneal_steps:  # SlimFlow's annealing reflow: blend in this step's fresh noise
-                z = mix_noise(z, eps[sl], anneal_randomness(step, d.anneal_steps, d.anneal_schedule))
-            if flip is not None:
-                x0, z = joint_flip(x0, z, flip[sl])
         else:
             (x0, y), z = self.dataset.batch(idx[sl]), eps[sl]
+        x0, z = self.objective.couple(step, x0, z, eps[sl], extras)
         y = torch.where(drop[sl], torch.full_like(y, self.model.null_class), y)
         dev = self.device
-        return x0.to(dev), y.to(dev), z.to(dev), t[sl].to(dev), idx[sl]
+        return {"x0": x0.to(dev), "y": y.to(dev), "eps": z.to(dev), "t": t[sl].to(dev), "idx": idx[sl],
+                "extras": {k: v.to(dev) for k, v in extras.items()}}
 
-    def draw_guide(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Fresh noise and intermediate times ``s`` of the flow-guided term (``distill.teacher``)
-        for this process's share of step ``step``, from their own seeded stream."""
-        G = self.cfg.train.batch_size
-        C, H, W = self.dataset.shape
-        g = seeded_generator(self.cfg.train.seed, _GUIDE_STREAM, step)
-        z, s = torch.randn(G, C, H, W, generator=g), guide_times(torch.rand(G, generator=g))
-        share = G // self.dist.world_size
-        sl = slice(self.dist.rank * share, (self.dist.rank + 1) * share)
-        return z[sl].to(self.device), s[sl].to(self.device)
+    def draw(self, step: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Images, labels, noise, times and data indices of this process's share of the
+        global batch of ``step`` (:meth:`draw_step` without the objective's extras)."""
+        b = self.draw_step(step)
+        return b["x0"], b["y"], b["eps"], b["t"], b["idx"]
 
     def velocity(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """The trained model's velocity under the run's autocast, as float32."""
@@ -452,8 +451,8 @@ class Trainer:
     def train_step(self) -> dict:
         tc = self.cfg.train
         model, opt = self.model, self.optimizer
-        x0, y, eps, t, _ = self.draw(self.step)
-        fresh, s = self.draw_guide(self.step) if self.objective.teacher is not None else (None, None)
+        batch = self.draw_step(self.step)
+        x0, y, eps, t, extras = batch["x0"], batch["y"], batch["eps"], batch["t"], batch["extras"]
         lr = self.lr_at(self.step)
         for group in opt.param_groups:
             group["lr"] = lr
@@ -464,8 +463,8 @@ class Trainer:
             last = m == tc.grad_accum - 1
             sync = nullcontext() if (self.ddp is None or last) else self.ddp.no_sync()
             with sync:
-                guide = (fresh[sl], s[sl]) if fresh is not None else ()
-                loss = self.objective(self.velocity, x0[sl], eps[sl], t[sl], y[sl], *guide)
+                loss = self.objective(self.velocity, x0[sl], eps[sl], t[sl], y[sl],
+                                      {k: v[sl] for k, v in extras.items()})
                 (loss / tc.grad_accum).backward()
             loss_sum += loss.detach() / tc.grad_accum
         loss_mean = D.all_reduce_mean(loss_sum, self.dist)
