@@ -574,7 +574,8 @@ def test_new_combination_on_dit_full_compute_setting_is_exact(model):
 
 @pytest.mark.parametrize("spec,msg", [
     ("cache:gate=fb,reuse=taylor", "cache: gate must be one of schedule, fbcache, teacache, confidence (got 'fb')"),
-    ("cache:gate=fbcache,reuse=forecast", "cache: reuse must be one of residual, blocks, taylor, delta (got 'forecast')"),
+    ("cache:gate=fbcache,reuse=forecast",
+     "cache: reuse must be one of residual, blocks, taylor, delta (got 'forecast')"),
     ("cache:reuse=taylor", "cache: gate must be one of schedule, fbcache, teacache, confidence (none given)"),
     ("cache:gate=fbcache,reuse=taylor,interval=3",
      "cache: gate=fbcache with reuse=taylor has no parameter 'interval'; valid: gate, reuse, threshold, warmup, "
