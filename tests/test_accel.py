@@ -516,3 +516,82 @@ def test_bench_accel_interleaves_measurements_batch_by_batch(monkeypatch):
     assert seen == [(8, 0, 4), (4, 0, 4), (2, 0, 4), (2, 4, 4), (4, 4, 4), (8, 4, 4), (8, 8, 2), (4, 8, 2), (2, 8, 2)]
     assert all(p["images"].shape == (10, 1, 2, 2) and p["seconds"] > 0 for p in parts.values())
     assert parts["x4"]["nfe"] == 4
+
+
+# -- gate x reuse ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("named,generic", [
+    ("fora:interval=3", "cache:gate=schedule,reuse=blocks,interval=3"),
+    ("fora:interval=2,cache=stack,schedule=start,warmup=2",
+     "cache:gate=schedule,reuse=residual,interval=2,schedule=start,warmup=2"),
+    ("taylorseer:interval=3,order=2", "cache:gate=schedule,reuse=taylor,schedule=since,interval=3,order=2,warmup=2"),
+    ("taylorseer:interval=3,order=1,cache=stack,spaced=1",
+     "cache:gate=schedule,reuse=taylor,schedule=since,interval=3,order=1,cache=stack,spaced=true,warmup=2"),
+    ("delta_dit:interval=3,blocks=1", "cache:gate=schedule,reuse=delta,schedule=since,interval=3,warmup=1"),
+    ("fbcache:threshold=0.3,max_skip=2", "cache:gate=fbcache,reuse=residual,threshold=0.3,max_skip=2"),
+    ("teacache:threshold=0.3,coeffs=1/0", "cache:gate=teacache,reuse=residual,threshold=0.3,coeffs=1/0"),
+])
+def test_generic_spec_reproduces_the_named_combination(model, named, generic):
+    """A named cache is its gate and reuse: the generic spec of the same pair gives the
+    same samples bit for bit and the same compute statistics."""
+    a, b = build_policy(named), build_policy(generic)
+    out_a, out_b = run(model, a), run(model, b)
+    assert torch.equal(out_a, out_b)
+    assert a.stats == b.stats and a.stats.full_calls < a.stats.calls
+    assert a.requires == b.requires
+    assert repr(build_policy(repr(b))) == repr(b)
+
+
+def test_fbcache_gate_with_taylor_reuse_skips_and_forecasts_exactly():
+    """A pairing no named method has: FBCache's gate (block 0 runs every call) with a
+    per-block Taylor forecast of the other blocks. With a threshold that always passes
+    and at most two skips in a row, calls 0, 3 and 6 run in full; block 1's branches are
+    linear in the call index, so once two full calls exist (from call 4 on) the forecast
+    under the current gates is exact; calls 1 and 2 reuse call 0's branches."""
+    ca, cm = [torch.randn(1, 3, 4), torch.randn(1, 3, 4)], [torch.randn(1, 3, 4), torch.randn(1, 3, 4)]
+    model, x = _fake_model(ca, cm), torch.randn(1, 3, 4)
+
+    def branch(s, at):  # one block's contribution at call s (current gates), branches of call `at`
+        return _gate(s)[:, None, :] * (_poly(ca, at) + 2 * _poly(cm, at))
+
+    policy = build_policy("cache:gate=fbcache,reuse=taylor,threshold=1e9,max_skip=2,order=1")
+    assert policy.requires == {"block_branches"}
+    outs = _drive(policy, model, 7, x)
+    for s, out in enumerate(outs):
+        want = x + branch(s, s) + branch(s, 0 if s in (1, 2) else s)
+        torch.testing.assert_close(out, want, atol=1e-4, rtol=1e-4)
+    st = policy.stats
+    assert (st.calls, st.full_calls) == (7, 3)
+    assert st.block_evals == 7 * 0.5 + 3 * 0.5  # block 0 every call, block 1 on full calls
+
+
+def test_new_combination_on_dit_full_compute_setting_is_exact(model):
+    ref = run(model)
+    policy = build_policy("cache:gate=fbcache,reuse=taylor,threshold=0,order=1")
+    assert torch.equal(run(model, policy), ref)
+    assert policy.stats.full_calls == policy.stats.calls
+    skipping = build_policy("cache:gate=fbcache,reuse=taylor,threshold=10,order=1,cache=stack")
+    out = run(model, skipping)
+    assert torch.isfinite(out).all() and skipping.stats.full_calls < skipping.stats.calls
+    for spec in ("cache:gate=teacache,reuse=blocks,threshold=0", "cache:gate=confidence,reuse=residual,threshold=0",
+                 "cache:gate=confidence,reuse=blocks,threshold=0"):
+        assert torch.equal(run(model, build_policy(spec)), ref), spec
+
+
+@pytest.mark.parametrize("spec,msg", [
+    ("cache:gate=fb,reuse=taylor", "cache: gate must be one of schedule, fbcache, teacache, confidence (got 'fb')"),
+    ("cache:gate=fbcache,reuse=forecast",
+     "cache: reuse must be one of residual, blocks, taylor, delta (got 'forecast')"),
+    ("cache:reuse=taylor", "cache: gate must be one of schedule, fbcache, teacache, confidence (none given)"),
+    ("cache:gate=fbcache,reuse=taylor,interval=3",
+     "cache: gate=fbcache with reuse=taylor has no parameter 'interval'; valid: gate, reuse, threshold, warmup, "
+     "max_skip, order, form, cache, feature, spaced, cfg"),
+    ("cache:gate=fbcache,reuse=delta", "cache: reuse delta needs the whole stack, but gate fbcache runs the first 1"),
+    ("cache:gate=fbcache,reuse=taylor,order=-1", "cache: order must be an integer >= 0"),
+    ("cache:gate=schedule,reuse=blocks,schedule=often", "cache: schedule must be one of fora, start, since"),
+    ("cache:gate=schedule,reuse=residual,intervl=2", "accel policy 'cache' has no parameter 'intervl'; valid: gate"),
+])
+def test_generic_spec_errors(spec, msg):
+    with pytest.raises(ConfigError, match=msg.replace("(", r"\(").replace(")", r"\)").replace(".", r"\.")):
+        build_policy(spec)

@@ -8,17 +8,26 @@ little, late the outline is settled. On a cached call they therefore replace a r
 ``F_{i..j}(x) ~ x + (y_cached - x_cached)``): the rear ``K`` blocks while
 ``t >= boundary`` (early), the front ``K`` blocks afterwards. A full call every
 ``interval`` calls refreshes both deltas.
+
+As a cache: the gate ``ScheduleGate`` with schedule ``since`` (full once ``interval``
+calls have passed since the last full one, and during the warm-up) combined with the
+reuse ``DeltaReuse`` (the deltas, eq. 5).
 """
 
 from __future__ import annotations
 
-from flowdit.errors import ConfigError
+from .base import _in_range, _positive_int
+from .cache import Cache
+from .gates import ScheduleGate
+from .reuses import DeltaReuse
 
-from .base import BlockPolicyBase, _in_range, _positive_int, step_of
+__all__ = ["DeltaDiT"]
 
 
-class DeltaDiT(BlockPolicyBase):
+class DeltaDiT(Cache):
     """Delta caching of a front or rear run of blocks (Delta-DiT).
+
+    ``ScheduleGate(interval, "since", warmup)`` + ``DeltaReuse(blocks, boundary)``.
 
     Args:
         interval: calls between full computations (1 = always full); the paper's N.
@@ -33,26 +42,10 @@ class DeltaDiT(BlockPolicyBase):
 
     def __init__(self, interval: int = 2, blocks: int = 1, boundary: float = 0.5, warmup: int = 1,
                  cfg: str = "batched"):
-        super().__init__(cfg)
+        super().__init__(cfg=cfg)
         self.interval = _positive_int(self.name, "interval", interval)
         self.blocks = _positive_int(self.name, "blocks", blocks)
         self.boundary = _in_range(self.name, "boundary", boundary, 0.0, 1.0)
         self.warmup = _positive_int(self.name, "warmup", warmup, 0)
-
-    def decide_and_run(self, model, tokens, c_act, ctx, st):
-        depth = len(model.blocks)
-        k = self.blocks
-        if k >= depth:
-            raise ConfigError(f"delta_dit: blocks={k} must be smaller than the model's depth {depth}")
-        s = step_of(ctx)
-        last = st.get("last_full")
-        if last is None or s < self.warmup or s - last >= self.interval:
-            out, kept = self.run_blocks_keep(model, tokens, c_act, ctx, {k, depth - k})
-            st["front_delta"], st["rear_delta"], st["last_full"] = kept[k] - tokens, out - kept[depth - k], s
-            self.stats.full_calls += 1
-            return out
-        t = getattr(ctx, "t", None)
-        early = t is None or t >= self.boundary
-        if early:
-            return self.run_blocks(model, tokens, c_act, ctx, 0, depth - k) + st["rear_delta"]
-        return self.run_blocks(model, tokens + st["front_delta"], c_act, ctx, k, depth)
+        self.combine(ScheduleGate(self.interval, "since", self.warmup),
+                     DeltaReuse(self.blocks, self.boundary, owner=self.name))

@@ -12,33 +12,37 @@
   ``threshold`` the cached residual of the whole stack is added to the current input,
   otherwise the stack runs, its residual is cached and the sum restarts from 0. The first
   and the final call always run in full. ``calibrate_teacache`` fits the polynomial.
+
+As caches: FBCache is the gate ``FirstBlockGate`` (which runs block 0 itself) with the
+reuse ``ResidualReuse`` of blocks ``1..L-1``; TeaCache is the gate ``TeaCacheGate`` (which
+reads block 0's modulated input without running the block) with ``ResidualReuse`` of the
+whole stack.
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable, Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import numpy as np
 import torch
 
 from flowdit.errors import ConfigError
-from flowdit.models.layers import modulate
 
-from .base import BlockPolicyBase, _in_range, _positive_int, step_of
+from .base import _in_range, _positive_int
+from .cache import Cache
+from .gates import (FirstBlockGate, TeaCacheGate, ctx_batched, first_block_modulated_input, parse_coeffs, rel_l1,
+                    rel_l1_per_sample)
+from .reuses import ResidualReuse
 
 __all__ = ["FirstBlockCache", "TeaCache", "calibrate_teacache", "calibrate_teacache_model",
-           "fit_teacache_coeffs", "rel_l1", "rel_l1_per_sample", "teacache_pairs"]
+           "fit_teacache_coeffs", "rel_l1", "rel_l1_per_sample", "teacache_pairs", "first_block_modulated_input",
+           "ctx_batched"]
 
 
-def rel_l1(a: torch.Tensor, b: torch.Tensor) -> float:
-    """Relative L1 distance ``mean|a - b| / mean|b|`` (0 when ``b`` is all zero and ``a == b``)."""
-    den = b.abs().mean()
-    num = (a - b).abs().mean()
-    return float(num / den) if float(den) > 0 else (0.0 if float(num) == 0 else float("inf"))
-
-
-class FirstBlockCache(BlockPolicyBase):
+class FirstBlockCache(Cache):
     """Reuse the residual of blocks ``1..depth-1`` while the first block's residual is stable.
+
+    ``FirstBlockGate(threshold, warmup, max_skip)`` + ``ResidualReuse()`` (of blocks 1..L-1).
 
     Args:
         threshold: relative L1 change of the first block's residual against the last
@@ -51,64 +55,17 @@ class FirstBlockCache(BlockPolicyBase):
     name = "fbcache"
 
     def __init__(self, threshold: float = 0.08, warmup: int = 1, max_skip: int = 0, cfg: str = "batched"):
-        super().__init__(cfg)
+        super().__init__(cfg=cfg)
         self.threshold = _in_range(self.name, "threshold", threshold, 0.0, float("inf"))
         self.warmup = _positive_int(self.name, "warmup", warmup, 0)
         self.max_skip = _positive_int(self.name, "max_skip", max_skip, 0)
-
-    def decide_and_run(self, model, tokens, c_act, ctx, st):
-        h1 = self.run_blocks(model, tokens, c_act, ctx, 0, 1)
-        r1 = h1 - tokens
-        ref = st.get("r1")
-        skip_ok = not self.max_skip or st.get("skipped", 0) < self.max_skip
-        if ref is not None and step_of(ctx) >= self.warmup and skip_ok:
-            change = rel_l1(r1, ref)
-            st["last_change"] = change
-            if change < self.threshold:
-                st["skipped"] = st.get("skipped", 0) + 1
-                return h1 + st["rest"]
-        out = self.run_blocks(model, h1, c_act, ctx, 1, None)
-        st["r1"], st["rest"], st["skipped"] = r1, out - h1, 0
-        self.stats.full_calls += 1
-        return out
+        self.combine(FirstBlockGate(self.threshold, self.warmup, self.max_skip), ResidualReuse())
 
 
-def rel_l1_per_sample(a: torch.Tensor, b: torch.Tensor, batched: bool = False) -> torch.Tensor:
-    """``mean|a - b| / mean|b|`` per sample: ``[G]`` for ``a, b`` of ``[R, ...]``.
-
-    A sample is one row, or with ``batched`` (both CFG branches in one batch, rows
-    ``[cond_0..cond_{G-1}, uncond_0..uncond_{G-1}]``) the two rows ``i`` and ``i + G``
-    together: the value a sampling run of that one sample alone would give.
-    """
-    rows = a.shape[0]
-    if batched and rows % 2 == 0:
-        def group(t):
-            return t.reshape(2, rows // 2, -1).transpose(0, 1).reshape(rows // 2, -1)
-    else:
-        def group(t):
-            return t.reshape(rows, -1)
-    a, b = group(a).float(), group(b).float()
-    return (a - b).abs().mean(dim=1) / b.abs().mean(dim=1)
-
-
-def first_block_modulated_input(model: Any, tokens: torch.Tensor, c_act: torch.Tensor) -> torch.Tensor:
-    """TeaCache's signal: block 0's normalised, modulated input ``modulate(LN(x), shift, scale)``.
-
-    ``tokens [B, N, D]``, ``c_act [B, D]`` (the activated conditioning); a model adapter
-    whose first block is built differently supplies ``model.modulated_input(tokens, c_act)``
-    (diffusers' SD3 and FLUX: ``transformer_blocks[0].norm1`` on the image tokens, as in
-    TeaCache4FLUX).
-    """
-    own = getattr(model, "modulated_input", None)
-    if callable(own):
-        return own(tokens, c_act)
-    block = model.blocks[0]
-    shift, scale = block.modulation(c_act)[:2]
-    return modulate(block.norm1(tokens), shift, scale)
-
-
-class TeaCache(BlockPolicyBase):
+class TeaCache(Cache):
     """Accumulated, rescaled change of the first block's modulated input (TeaCache).
+
+    ``TeaCacheGate(threshold, coeffs, warmup)`` + ``ResidualReuse()`` (of the whole stack).
 
     Per model call ``s`` (the authors' ``teacache_forward`` of TeaCache4FLUX,
     TeaCache4HunyuanVideo and Open-Sora): ``m_s = modulate(LN(x_s), shift_msa, scale_msa)``
@@ -136,42 +93,37 @@ class TeaCache(BlockPolicyBase):
     name = "teacache"
 
     def __init__(self, threshold: float = 0.1, coeffs: str | tuple = "", warmup: int = 1, cfg: str = "batched"):
-        super().__init__(cfg)
+        super().__init__(cfg=cfg)
         self.threshold = _in_range(self.name, "threshold", threshold, 0.0, float("inf"))
-        self.coeffs = _parse_coeffs(coeffs)
+        coeffs = parse_coeffs(self.name, "coeffs", coeffs)
         self.warmup = _positive_int(self.name, "warmup", warmup, 0)
-        self._recording: list[tuple[int, np.ndarray, np.ndarray]] | None = None
+        self.combine(TeaCacheGate(self.threshold, coeffs, self.warmup), ResidualReuse())
+
+    @property
+    def coeffs(self) -> tuple:
+        """The rescaling polynomial, highest power first (the gate's; settable)."""
+        return self._gate.coeffs
+
+    @coeffs.setter
+    def coeffs(self, value) -> None:
+        self._gate.coeffs = tuple(value)
+
+    @property
+    def _recording(self) -> list | None:
+        # Calibration pairs are collected by the gate while this is a list.
+        return self._gate.recording
+
+    @_recording.setter
+    def _recording(self, value: list | None) -> None:
+        self._gate.recording = value
 
     def params(self) -> dict:
-        p = super().params()
-        p["coeffs"] = "/".join(f"{c:.6g}" for c in self.coeffs)
-        return p
+        return {"threshold": self.threshold, "coeffs": "/".join(f"{c:.6g}" for c in self.coeffs),
+                "warmup": self.warmup, "cfg": self.cfg_mode}
 
     def rescale(self, change: float) -> float:
         """The calibrated estimate of the output change for an input change ``change``."""
-        return float(np.polyval(self.coeffs, change)) if self.coeffs else change
-
-    def decide_and_run(self, model, tokens, c_act, ctx, st):
-        s = step_of(ctx)
-        num_steps = getattr(ctx, "num_steps", None)
-        sig = first_block_modulated_input(model, tokens, c_act)
-        prev = st.get("sig")
-        st["sig"] = sig
-        forced = (prev is None or s < self.warmup or (num_steps is not None and s == num_steps - 1)
-                  or self._recording is not None)
-        if forced:
-            st["acc"] = 0.0
-        else:
-            st["acc"] += self.rescale(rel_l1(sig, prev))
-            if st["acc"] < self.threshold:
-                return tokens + st["residual"]
-            st["acc"] = 0.0
-        out = self.run_blocks(model, tokens, c_act, ctx)
-        st["residual"] = out - tokens
-        if self._recording is not None:
-            st["pending"] = (s, None if prev is None else rel_l1_per_sample(sig, prev, ctx_batched(ctx)))
-        self.stats.full_calls += 1
-        return out
+        return self._gate.rescale(change)
 
     def after_output(self, model, v: torch.Tensor, ctx) -> torch.Tensor:
         """While calibrating: pair the input change of this call with its output change.
@@ -191,24 +143,6 @@ class TeaCache(BlockPolicyBase):
             y_change = rel_l1_per_sample(v, prev_v, ctx_batched(ctx))
             self._recording.append((s, x_change.cpu().numpy(), y_change.cpu().numpy()))
         return v
-
-
-def ctx_batched(ctx: Any) -> bool:
-    """Whether the call runs both CFG branches in one batch (``ctx.branch == "batched"``)."""
-    return getattr(ctx, "branch", None) == "batched"
-
-
-def _parse_coeffs(coeffs) -> tuple:
-    if isinstance(coeffs, (int, float)) and not isinstance(coeffs, bool):
-        parts = [coeffs]
-    elif isinstance(coeffs, str):
-        parts = [c for c in coeffs.replace(";", "/").split("/") if c.strip()]
-    else:
-        parts = list(coeffs)
-    try:
-        return tuple(float(c) for c in parts)
-    except (TypeError, ValueError):
-        raise ConfigError(f"teacache: coeffs must be numbers separated by '/', got {coeffs!r}") from None
 
 
 def teacache_pairs(policy: TeaCache, run_once: Callable[[], object]) -> np.ndarray:

@@ -15,31 +15,29 @@ reverse step index ``i`` (counting down from ``numstep - 1`` to 0) satisfies
 ``out - in`` of the whole stack, is stored and added to the current input tokens. It
 freezes the gates of the last full call, which the per-block form does not (DiT's gates
 depend on ``t``). ``schedule="start"`` counts the interval from the first call instead.
+
+As a cache, FORA is the gate ``ScheduleGate`` (schedule ``fora`` or ``start``, with a
+warm-up) combined with the reuse ``BlockReuse`` (``cache="blocks"``) or ``ResidualReuse``
+(``cache="stack"``); the schedule itself is ``fora_full_call``.
 """
 
 from __future__ import annotations
 
-from .base import CACHE_TARGETS, BlockPolicyBase, _choice, _positive_int, step_of
+from .base import CACHE_TARGETS, _choice, _positive_int
+from .cache import Cache
+from .gates import ScheduleGate, fora_full_call
+from .reuses import BlockReuse, ResidualReuse
+
+__all__ = ["FORA", "fora_full_call", "SCHEDULES"]
 
 SCHEDULES = ("fora", "start")
 
 
-def fora_full_call(step: int, num_calls: int | None, interval: int, schedule: str = "fora") -> bool:
-    """Whether model call ``step`` (0-based, counting up) runs in full under FORA.
-
-    ``schedule="fora"``: the reference's rule on the reverse index ``i = num_calls - 1 -
-    step``: full iff ``i == num_calls - 1`` (the first call) or ``i % interval == 0``.
-    Without a known number of calls (adaptive solvers) and for ``schedule="start"``:
-    full iff ``step % interval == 0``.
-    """
-    if schedule == "fora" and num_calls is not None:
-        i = num_calls - 1 - step
-        return i == num_calls - 1 or i % interval == 0
-    return step % interval == 0
-
-
-class FORA(BlockPolicyBase):
+class FORA(Cache):
     """Full stack on FORA's schedule, every block's cached branch outputs in between.
+
+    ``ScheduleGate(interval, schedule, warmup)`` + ``BlockReuse()`` (or ``ResidualReuse()``
+    with ``cache="stack"``).
 
     Args:
         interval: N, the caching interval (1 = always full).
@@ -56,28 +54,10 @@ class FORA(BlockPolicyBase):
 
     def __init__(self, interval: int = 3, cache: str = "blocks", schedule: str = "fora", warmup: int = 0,
                  cfg: str = "batched"):
-        super().__init__(cfg)
+        super().__init__(cfg=cfg)
         self.interval = _positive_int(self.name, "interval", interval)
         self.cache = _choice(self.name, "cache", cache, CACHE_TARGETS)
         self.schedule = _choice(self.name, "schedule", schedule, SCHEDULES)
         self.warmup = _positive_int(self.name, "warmup", warmup, 0)
-
-    @property
-    def requires(self) -> frozenset[str]:
-        return frozenset({"block_branches"}) if self.cache == "blocks" else frozenset()
-
-    def decide_and_run(self, model, tokens, c_act, ctx, st):
-        s = step_of(ctx)
-        full = ("cached" not in st or s < self.warmup
-                or fora_full_call(s, getattr(ctx, "num_steps", None), self.interval, self.schedule))
-        if full:
-            self.stats.full_calls += 1
-            if self.cache == "stack":
-                out = self.run_blocks(model, tokens, c_act, ctx)
-                st["cached"] = out - tokens
-            else:
-                out, st["cached"] = self.run_blocks_branches(model, tokens, c_act, ctx)
-            return out
-        if self.cache == "stack":
-            return tokens + st["cached"]
-        return self.replay_blocks(model, tokens, c_act, ctx, st["cached"])
+        self.combine(ScheduleGate(self.interval, self.schedule, self.warmup),
+                     BlockReuse() if self.cache == "blocks" else ResidualReuse())

@@ -16,6 +16,10 @@ is the model-call index (``StepContext.step``), the abscissa of TaylorSeer's cod
   Newton interpolating polynomial through them (divided differences, any spacing):
   ``f(s) ~ sum_j f[s_0..s_j] prod_{m < j} (s - s_m)``. It is exact for polynomials of
   degree ``<= k`` (degree lower while fewer than ``k + 1`` points are known).
+* ``TaylorHistory`` is the same finite-difference Taylor series written as CG-Taylor's
+  ``taylor_utils`` evaluates it (``sum_i (1 / i!) * D^i * (s - s_last)^i``, accumulated from
+  0); its rounding differs from ``TaylorForecaster``'s, so the confidence-gated forecast
+  keeps it to match the authors' code bit for bit.
 
 Features are tensors of any fixed shape (``[B, N, D]`` here).
 """
@@ -28,7 +32,7 @@ import torch
 
 from flowdit.errors import ConfigError
 
-__all__ = ["TaylorForecaster", "NewtonForecaster", "build_forecaster", "FORMS"]
+__all__ = ["TaylorForecaster", "NewtonForecaster", "TaylorHistory", "build_forecaster", "build_history", "FORMS"]
 
 FORMS = ("paper", "newton")
 
@@ -111,10 +115,56 @@ class NewtonForecaster:
         return out
 
 
+class TaylorHistory:
+    """Finite-difference Taylor history of one feature, as CG-Taylor's ``taylor_utils``.
+
+    ``update(s, f)`` at a full computation: ``D^0 = f`` and, for ``i < order`` while an
+    older ``D^i`` exists, ``D^{i+1} = (D^i_new - D^i_old) / (s - s_last)``.
+    ``predict(s) = sum_i (1 / i!) * D^i * (s - s_last)^i``, in that order of operations
+    (the reference's ``*_taylor_formula``). Exact for features linear in ``s``.
+    Features are tensors of any fixed shape (``[B, N, D]`` here).
+    """
+
+    def __init__(self, order: int):
+        self.order = order
+        self.factors: list[torch.Tensor] = []
+        self.last_s: int | float | None = None
+
+    def update(self, s, feature: torch.Tensor) -> None:
+        """Record the feature computed in full at call ``s``."""
+        new = [feature]
+        if self.factors:
+            ds = s - self.last_s
+            if ds <= 0:
+                raise ValueError(f"history steps must increase, got {s} after {self.last_s}")
+            for i in range(min(self.order, len(self.factors))):
+                new.append((new[i] - self.factors[i]) / ds)
+        self.factors, self.last_s = new, s
+
+    def predict(self, s) -> torch.Tensor:
+        """The truncated Taylor series about the last full call, evaluated at ``s``."""
+        if not self.factors:
+            raise RuntimeError("history has no data: call update() first")
+        dx = s - self.last_s
+        out = 0
+        for i, d in enumerate(self.factors):
+            out = out + (1 / math.factorial(i)) * d * (dx**i)
+        return out
+
+
 def build_forecaster(form: str, order: int):
     """A forecaster by name: ``"paper"`` (TaylorSeer) or ``"newton"``."""
     if form == "paper":
         return TaylorForecaster(order)
+    if form == "newton":
+        return NewtonForecaster(order)
+    raise ConfigError(f"forecast form must be one of {', '.join(FORMS)}, got {form!r}")
+
+
+def build_history(form: str, order: int):
+    """CG-Taylor's forecaster by name: ``"paper"`` (``TaylorHistory``) or ``"newton"``."""
+    if form == "paper":
+        return TaylorHistory(order)
     if form == "newton":
         return NewtonForecaster(order)
     raise ConfigError(f"forecast form must be one of {', '.join(FORMS)}, got {form!r}")

@@ -7,7 +7,7 @@ Taylor" (arXiv 2508.02240); the defaults follow the authors' DiT code
 ``sample.py``: threshold 0.008, ``--max_block_order 3``, ``--max-order 1``, ``--mid_cor 2``).
 
 Two Taylor histories are kept, both in TaylorSeer's finite-difference form (see
-``TaylorHistory``) with the model-call index as abscissa:
+``forecast.TaylorHistory``) with the model-call index as abscissa:
 
 * the first block's **output** ``h_1 = block_0(x)`` (tokens, not the residual), order
   ``first_order`` (the reference's ``max_block_order``, 3);
@@ -41,83 +41,36 @@ gates on and forecasts the residuals ``h_1 - x`` and ``h_L - x`` and adds the cu
 input back; ``norm="l2"`` uses ``||.||_2`` ratios in the gate; ``max_skip`` bounds the
 forecasts in a row; ``spaced`` restarts both histories at every warm-up call;
 ``form="newton"`` uses Newton interpolation (``flowdit.accel.forecast``).
+
+As a cache: the gate ``ConfidenceGate`` (runs block 0, keeps the first block's history,
+compares its forecast) combined with the reuse ``TaylorReuse`` of the stack output (or
+residual) in CG-Taylor's arithmetic (``forecast.TaylorHistory``), never restarted except
+with ``spaced`` during the warm-up.
 """
 
 from __future__ import annotations
 
-import math
-
-import torch
+from functools import partial
 
 from flowdit.errors import ConfigError
 
-from .base import BlockPolicyBase, _flag, _in_range, _positive_int, step_of
-from .forecast import NewtonForecaster
+from .base import _flag, _in_range, _positive_int
+from .cache import Cache
+from .forecast import TaylorHistory, build_history
+from .gates import FEATURES, NORMS, ConfidenceGate, gate_error
+from .reuses import TaylorReuse
 
 __all__ = ["GatedTaylor", "TaylorHistory", "gate_error"]
 
 FORMS = ("paper", "newton")
-FEATURES = ("output", "residual")
-NORMS = ("l1", "l2")
 
 
-class TaylorHistory:
-    """Finite-difference Taylor history of one feature, as CG-Taylor's ``taylor_utils``.
-
-    ``update(s, f)`` at a full computation: ``D^0 = f`` and, for ``i < order`` while an
-    older ``D^i`` exists, ``D^{i+1} = (D^i_new - D^i_old) / (s - s_last)``.
-    ``predict(s) = sum_i (1 / i!) * D^i * (s - s_last)^i``, in that order of operations
-    (the reference's ``*_taylor_formula``). Exact for features linear in ``s``.
-    Features are tensors of any fixed shape (``[B, N, D]`` here).
-    """
-
-    def __init__(self, order: int):
-        self.order = order
-        self.factors: list[torch.Tensor] = []
-        self.last_s: int | float | None = None
-
-    def update(self, s, feature: torch.Tensor) -> None:
-        """Record the feature computed in full at call ``s``."""
-        new = [feature]
-        if self.factors:
-            ds = s - self.last_s
-            if ds <= 0:
-                raise ValueError(f"history steps must increase, got {s} after {self.last_s}")
-            for i in range(min(self.order, len(self.factors))):
-                new.append((new[i] - self.factors[i]) / ds)
-        self.factors, self.last_s = new, s
-
-    def predict(self, s) -> torch.Tensor:
-        """The truncated Taylor series about the last full call, evaluated at ``s``."""
-        if not self.factors:
-            raise RuntimeError("history has no data: call update() first")
-        dx = s - self.last_s
-        out = 0
-        for i, d in enumerate(self.factors):
-            out = out + (1 / math.factorial(i)) * d * (dx**i)
-        return out
-
-
-def gate_error(forecast: torch.Tensor, actual: torch.Tensor, norm: str = "l1") -> float:
-    """Relative error of ``forecast`` against ``actual``: ``mean|f - a| / mean|a|`` (``l1``,
-    CG-Taylor's ``predict_loss``) or ``||f - a||_2 / ||a||_2`` (``l2``); means and norms run
-    over every element. ``inf`` when ``actual`` is all zero and differs from ``forecast``."""
-    diff = forecast - actual
-    if norm == "l1":
-        num, den = diff.abs().mean(), actual.abs().mean()
-    else:
-        num, den = torch.linalg.vector_norm(diff), torch.linalg.vector_norm(actual)
-    if float(den) == 0.0:
-        return 0.0 if float(num) == 0.0 else float("inf")
-    return float(num / den)
-
-
-def _history(form: str, order: int):
-    return TaylorHistory(order) if form == "paper" else NewtonForecaster(order)
-
-
-class GatedTaylor(BlockPolicyBase):
+class GatedTaylor(Cache):
     """Forecast the stack output when the first block's own forecast is accurate (CG-Taylor).
+
+    ``ConfidenceGate(threshold, first_order, warmup, form, feature, norm, max_skip, spaced)``
+    + ``TaylorReuse(order, "stack", feature, TaylorHistory / Newton, restart_before =
+    warmup with spaced, else 0)``.
 
     Args:
         threshold: relative L1 error of the first block's forecast under which the other
@@ -140,7 +93,7 @@ class GatedTaylor(BlockPolicyBase):
     def __init__(self, threshold: float = 0.008, order: int = 1, first_order: int = 3, warmup: int = 3,
                  form: str = "paper", feature: str = "output", norm: str = "l1", max_skip: int = 0,
                  spaced: bool = False, cfg: str = "batched"):
-        super().__init__(cfg)
+        super().__init__(cfg=cfg)
         self.threshold = _in_range(self.name, "threshold", threshold, 0.0, float("inf"))
         self.order = _positive_int(self.name, "order", order, 0)
         self.first_order = _positive_int(self.name, "first_order", first_order, 0)
@@ -151,27 +104,7 @@ class GatedTaylor(BlockPolicyBase):
         self.form, self.feature, self.norm = form, feature, norm
         self.max_skip = _positive_int(self.name, "max_skip", max_skip, 0)
         self.spaced = _flag(self.name, "spaced", spaced)
-
-    def decide_and_run(self, model, tokens, c_act, ctx, st):
-        s = step_of(ctx)
-        num_steps = getattr(ctx, "num_steps", None)
-        h1 = self.run_blocks(model, tokens, c_act, ctx, 0, 1)
-        f1 = h1 - tokens if self.feature == "residual" else h1
-        first, last = st.get("first"), st.get("last")
-        forced = first is None or s < self.warmup or (num_steps is not None and s == num_steps - 1)
-        if not forced and (not self.max_skip or st["skipped"] < self.max_skip):
-            err = gate_error(first.predict(s), f1, self.norm)
-            st["last_error"] = err
-            if err < self.threshold:
-                st["skipped"] += 1
-                pred = last.predict(s)
-                return tokens + pred if self.feature == "residual" else pred
-        out = self.run_blocks(model, h1, c_act, ctx, 1, None)
-        if first is None or (self.spaced and s < self.warmup):
-            first = st["first"] = _history(self.form, self.first_order)
-            last = st["last"] = _history(self.form, self.order)
-        first.update(s, f1)
-        last.update(s, out - tokens if self.feature == "residual" else out)
-        st["skipped"] = 0
-        self.stats.full_calls += 1
-        return out
+        self.combine(ConfidenceGate(self.threshold, self.first_order, self.warmup, self.form, self.feature, self.norm,
+                                    self.max_skip, self.spaced),
+                     TaylorReuse(self.order, "stack", self.feature, partial(build_history, self.form),
+                                 self.warmup if self.spaced else 0))

@@ -28,20 +28,33 @@ Options of flowdit's own (not the reference's defaults):
   fastest and the consecutive-call slope is extrapolated over a whole interval
   (docs/acceleration.md measures what that costs).
 * ``form="newton"``: Newton interpolation through the last ``order + 1`` full calls.
+
+As a cache: the gate ``ScheduleGate`` with schedule ``since`` (the warm-up, then a full
+call once ``interval`` calls have passed since the last one) combined with the reuse
+``TaylorReuse`` (per-block branches or the stack residual, TaylorSeer's forecaster and
+restart rule).
 """
 
 from __future__ import annotations
 
-import torch
+from functools import partial
 
 from flowdit.errors import ConfigError
 
-from .base import CACHE_TARGETS, BlockPolicyBase, _choice, _flag, _positive_int, step_of
+from .base import CACHE_TARGETS, _choice, _flag, _positive_int
+from .cache import Cache
 from .forecast import FORMS, build_forecaster
+from .gates import ScheduleGate
+from .reuses import TaylorReuse
+
+__all__ = ["TaylorSeer"]
 
 
-class TaylorSeer(BlockPolicyBase):
+class TaylorSeer(Cache):
     """Full stack every ``interval`` calls after a warm-up, Taylor forecasts in between.
+
+    ``ScheduleGate(interval, "since", warmup)`` + ``TaylorReuse(order, cache, "residual",
+    form, restart_before = warmup - 1, or warmup with spaced)``.
 
     Args:
         interval: N, calls between full computations (1 = always full); reference 4.
@@ -62,7 +75,7 @@ class TaylorSeer(BlockPolicyBase):
 
     def __init__(self, interval: int = 4, order: int = 4, form: str = "paper", warmup: int = 2,
                  cache: str = "blocks", spaced: bool = False, cfg: str = "batched"):
-        super().__init__(cfg)
+        super().__init__(cfg=cfg)
         self.interval = _positive_int(self.name, "interval", interval)
         self.order = _positive_int(self.name, "order", order, 0)
         if form not in FORMS:
@@ -71,37 +84,8 @@ class TaylorSeer(BlockPolicyBase):
         self.warmup = _positive_int(self.name, "warmup", warmup, 0)
         self.cache = _choice(self.name, "cache", cache, CACHE_TARGETS)
         self.spaced = _flag(self.name, "spaced", spaced)
-
-    def _restarts(self, s: int) -> bool:
-        """Whether a full call at index ``s`` drops the derivative estimates."""
-        return s < (self.warmup if self.spaced else self.warmup - 1)
-
-    @property
-    def requires(self) -> frozenset[str]:
-        return frozenset({"block_branches"}) if self.cache == "blocks" else frozenset()
-
-    def decide_and_run(self, model, tokens, c_act, ctx, st):
-        s = step_of(ctx)
-        fc = st.get("forecaster")
-        if fc is None or s < self.warmup or s - st["last_full"] >= self.interval:
-            self.stats.full_calls += 1
-            if self.cache == "stack":
-                out = self.run_blocks(model, tokens, c_act, ctx)
-                feature = out - tokens
-            else:
-                out, branches = self.run_blocks_branches(model, tokens, c_act, ctx)
-                # One stacked tensor [2 x depth, B, N, D] (a_0, m_0, a_1, ...): every branch
-                # gets the same per-feature update, so one forecaster serves all of them
-                # with a few large element-wise ops per call. Differences are taken in fp32
-                # because under bf16 autocast the branch outputs are bf16, whose 8-bit
-                # mantissa would swamp the small changes between calls.
-                feature = torch.stack([f for pair in branches for f in pair]).float()
-            if fc is None or self._restarts(s):
-                fc = st["forecaster"] = build_forecaster(self.form, self.order)
-            fc.update(s, feature)
-            st["last_full"] = s
-            return out
-        if self.cache == "stack":
-            return tokens + fc.predict(s)
-        predicted = fc.predict(s).unbind(0)
-        return self.replay_blocks(model, tokens, c_act, ctx, list(zip(predicted[0::2], predicted[1::2])))
+        # A full call at s < restart_before drops the derivative estimates.
+        restart_before = self.warmup if self.spaced else self.warmup - 1
+        self.combine(ScheduleGate(self.interval, "since", self.warmup),
+                     TaylorReuse(self.order, self.cache, "residual", partial(build_forecaster, self.form),
+                                 restart_before))

@@ -110,5 +110,6 @@ def add_parsers(sub) -> None:
     s.add_argument("--no-progress", action="store_true", help="no progress bar")
     s.add_argument("--out", required=True, help="output .png grid or .npz")
     s.add_argument("--accel", help="training-free acceleration, e.g. taylorseer:interval=4,order=2 "
-                   "(docs/acceleration.md; policies: " + ", ".join(POLICIES) + ")")
+                   "(docs/acceleration.md; policies: " + ", ".join(POLICIES)
+                   + "; any cache gate with any reuse: cache:gate=NAME,reuse=NAME,...)")
     s.set_defaults(func=cmd_sample)
