@@ -8,7 +8,8 @@ sampling starts. ``flowdit train`` takes ``key=value`` overrides anywhere after 
 command.
 
 One module per command group: ``train``, ``sample``, ``evaluate`` (``eval``),
-``evaluator``, ``reflow``, ``edit`` (``invert``, ``edit``, ``restore``), ``bench``; ``common``
+``evaluator``, ``reflow``, ``edit`` (``invert``, ``edit``, ``restore``), ``bench``
+(``sample_diffusers``: ``flowdit sample --diffusers PATH``); ``common``
 holds the parser class, option types and checks they share, ``main`` the assembled parser.
 """
 

@@ -1,4 +1,5 @@
-"""``flowdit sample``: sample a trained run to a PNG grid or an .npz."""
+"""``flowdit sample``: sample a trained run to a PNG grid or an .npz, or a local diffusers
+SD3 / FLUX pipeline folder (``--diffusers PATH``) to images, latents and settings."""
 
 from __future__ import annotations
 
@@ -21,7 +22,41 @@ from .common import (
 )
 
 
+# Options of a run's sampling that a diffusers pipeline has no use for, and the options
+# only a diffusers pipeline takes: (attribute, flag).
+_RUN_ONLY = (("ckpt", "--ckpt"), ("num", "--num"), ("classes", "--classes"),
+             ("guidance_interval", "--guidance-interval"), ("shift", "--shift"), ("tol", "--tol"),
+             ("no_ema", "--no-ema"))
+_DIFFUSERS_ONLY = (("prompt", "--prompt"), ("prompts", "--prompts"), ("negative_prompt", "--negative-prompt"),
+                   ("guidance", "--guidance"), ("height", "--height"), ("width", "--width"))
+_RUN_DEFAULTS = {"num": 100, "tol": 1e-4, "batch_size": 256}
+
+
+def _given(args: argparse.Namespace, attr: str) -> bool:
+    return getattr(args, attr, None) not in (None, False)
+
+
 def cmd_sample(args: argparse.Namespace) -> int:
+    """``flowdit sample``: a trained run (``--ckpt``) or a diffusers pipeline (``--diffusers``)."""
+    if args.diffusers is not None:
+        for attr, flag in _RUN_ONLY:
+            if _given(args, attr):
+                raise ConfigError(f"{flag} does not apply with --diffusers (it is an option of a flowdit run)")
+        from .sample_diffusers import sample_diffusers
+
+        return sample_diffusers(args)
+    for attr, flag in _DIFFUSERS_ONLY:
+        if _given(args, attr):
+            raise ConfigError(f"{flag} needs --diffusers PATH (a diffusers pipeline folder)")
+    if args.ckpt is None:
+        raise ConfigError("--ckpt RUN or --diffusers PATH is required")
+    for key, value in _RUN_DEFAULTS.items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    return _sample_run(args)
+
+
+def _sample_run(args: argparse.Namespace) -> int:
     import torch
 
     from ..inference import generate
@@ -86,30 +121,51 @@ def add_parsers(sub) -> None:
     """Register this module's commands on the ``flowdit`` subparsers ``sub``."""
     from ..accel.registry import POLICIES
 
-    s = command(sub, "sample", help="sample images from a trained run",
+    s = command(sub, "sample", help="sample images from a trained run or a diffusers SD3 / FLUX pipeline",
                 description="Sample from a run's EMA weights to a PNG grid or an .npz (ADM layout: "
-                            "arr_0 uint8 [N,H,W,C], arr_1 int64 labels).")
-    s.add_argument("--ckpt", required=True, help="run directory or checkpoint directory")
+                            "arr_0 uint8 [N,H,W,C], arr_1 int64 labels); or, with --diffusers PATH, from a local "
+                            "diffusers SD3 or FLUX pipeline folder with flowdit's solvers, guidance and caches to "
+                            "a folder of PNGs, a grid, latents.npz and settings.json (docs/interop.md).")
+    s.add_argument("--ckpt", help="run directory or checkpoint directory (this or --diffusers is required)")
+    s.add_argument("--diffusers", metavar="PATH",
+                   help="a local diffusers SD3 or FLUX pipeline folder (save_pretrained or a model snapshot; "
+                        "offline; needs flowdit[diffusers])")
     # -n as well: under torchrun, "--num" is refused as an abbreviation of its --numa-binding.
-    s.add_argument("-n", "--num", type=_positive_int, default=100, help="number of samples (-n under torchrun)")
+    s.add_argument("-n", "--num", type=_positive_int, help="number of samples (-n under torchrun; default: 100)")
     s.add_argument("--classes", help="comma-separated class indices (default: all classes, balanced)")
+    s.add_argument("--prompt", action="append", help="with --diffusers: a text prompt (repeat for several)")
+    s.add_argument("--prompts", metavar="FILE", help="with --diffusers: a text file of prompts, one a line "
+                   "(blank lines and lines starting with # are skipped)")
+    s.add_argument("--negative-prompt", help="with --diffusers: the negative prompt of classifier-free guidance "
+                   "(default: empty)")
+    s.add_argument("--guidance", type=_non_negative_float,
+                   help="with --diffusers: FLUX-dev's embedded (distilled) guidance scale (default: 3.5; refused "
+                        "for SD3 and for FLUX models without the embedding)")
+    s.add_argument("--height", type=_positive_int, help="with --diffusers: image height in pixels, a multiple of "
+                   "the VAE factor times the patch size (default: the pipeline's, 1024 for SD3 / FLUX)")
+    s.add_argument("--width", type=_positive_int, help="with --diffusers: image width in pixels (as --height)")
     s.add_argument("--solver", default="heun", help="fixed-step: " + ", ".join(_solvers(adaptive=False))
-                   + "; adaptive: " + ", ".join(_solvers()[len(_solvers(adaptive=False)):]))
+                   + "; adaptive: " + ", ".join(_solvers()[len(_solvers(adaptive=False)):])
+                   + " (fixed-step only with --diffusers)")
     s.add_argument("--steps", type=_positive_int, default=16, help="solver steps (ignored by adaptive solvers)")
     s.add_argument("--cfg", type=_non_negative_float,
-                   help="classifier-free guidance scale (1 = none; default: the run's sample.cfg)")
+                   help="classifier-free guidance scale (1 = none; default: the run's sample.cfg; with --diffusers "
+                        "7 for SD3 as its pipeline, 1 for FLUX: true CFG only when asked)")
     s.add_argument("--guidance-interval", help="apply guidance only for t in [lo,hi], e.g. 0.1,0.9")
     s.add_argument("--shift", type=_positive_float, help="time shift of the schedule (default: the run's flow.shift)")
-    s.add_argument("--tol", type=_positive_float, default=1e-4, help="rtol = atol of adaptive solvers")
+    s.add_argument("--tol", type=_positive_float, help="rtol = atol of adaptive solvers (default: 0.0001)")
     s.add_argument("--seed", type=_seed, default=0, help="seed of the noise (sample i always gets the same noise)")
-    s.add_argument("--batch-size", type=_positive_int, default=256, help="samples per model call")
+    s.add_argument("--batch-size", type=_positive_int,
+                   help="samples per model call (default: 256; with --diffusers all prompts in one batch)")
     s.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto",
-                   help="auto: bf16 autocast where the hardware runs it natively")
+                   help="auto: bf16 autocast where the hardware runs it natively; with --diffusers the weights' "
+                        "dtype, auto = bf16 on a CUDA device that supports it, else fp32")
     s.add_argument("--device", help="cpu or cuda (default: cuda when available)")
     s.add_argument("--no-ema", action="store_true", help="use the raw training weights")
     s.add_argument("--no-progress", action="store_true", help="no progress bar")
-    s.add_argument("--out", required=True, help="output .png grid or .npz")
+    s.add_argument("--out", required=True, help="output .png grid or .npz; with --diffusers an output folder")
     s.add_argument("--accel", help="training-free acceleration, e.g. taylorseer:interval=4,order=2 "
                    "(docs/acceleration.md; policies: " + ", ".join(POLICIES)
-                   + "; any cache gate with any reuse: cache:gate=NAME,reuse=NAME,...)")
+                   + "; any cache gate with any reuse: cache:gate=NAME,reuse=NAME,...; on diffusers models "
+                   "the stack-level ones, docs/interop.md)")
     s.set_defaults(func=cmd_sample)

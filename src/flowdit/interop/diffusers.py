@@ -47,6 +47,10 @@ __all__ = [
     "FluxTransformer",
     "SD3Transformer",
     "DiffusersBridge",
+    "PipelineInfo",
+    "check_accel",
+    "decode_latents",
+    "inspect_pipeline",
     "require_diffusers",
     "scheduler_grid",
     "text_condition",
@@ -54,12 +58,17 @@ __all__ = [
 ]
 
 
+EXTRA_HINT = 'pip install "flowdit[diffusers]"'
+
+
 def require_diffusers():
-    """Import diffusers or fail in one line that names the extra to install."""
+    """Import diffusers (and transformers, for the text encoders) or fail in one line that
+    names the extra to install."""
     try:
         import diffusers  # noqa: F401
-    except ImportError:  # pragma: no cover - exercised only without the extra
-        raise ConfigError("this needs diffusers: pip install 'flowdit[diffusers]'") from None
+        import transformers  # noqa: F401
+    except ImportError as err:
+        raise ConfigError(f"this needs diffusers and transformers ({err.name} is missing): {EXTRA_HINT}") from None
     return diffusers
 
 
@@ -424,8 +433,11 @@ class DiffusersBridge:
         # sampling from given embeddings) load as absent.
         absent = {k: None for k, v in index.items()
                   if not k.startswith("_") and isinstance(v, list) and all(x is None for x in v)}
-        pipe = diffusers.DiffusionPipeline.from_pretrained(path, torch_dtype=torch_dtype, local_files_only=True,
-                                                           **absent)
+        if torch_dtype is not None:
+            kw_dtype = {"torch_dtype": torch_dtype}
+        else:
+            kw_dtype = {}
+        pipe = diffusers.DiffusionPipeline.from_pretrained(path, local_files_only=True, **kw_dtype, **absent)
         return cls(pipe, **kw)
 
     @property
@@ -492,3 +504,114 @@ class DiffusersBridge:
         return rf_edit(self.model, latents, source, target, inject_steps, solver, steps, blocks=blocks, cfg_scale=cfg,
                        batch_size=latents.shape[0], device=latents.device, policy=policy, negative=negative,
                        grid=grid)
+
+# -- a pipeline folder, read before anything is loaded -----------------------------------
+
+_FAMILIES = {"SD3Transformer2DModel": "sd3", "FluxTransformer2DModel": "flux"}
+# The text encoders each family's ``encode_prompt`` cannot do without (SD3's T5 is optional:
+# the pipeline uses zeros in its place).
+_TEXT_PARTS = {"sd3": ("text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2"),
+               "flux": ("text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2")}
+
+
+@dataclass(frozen=True)
+class PipelineInfo:
+    """What a local SD3 / FLUX pipeline folder holds, read from its JSON files only.
+
+    ``size_multiple`` is the pixel multiple a height or width must be: the VAE factor times
+    SD3's patch size (``StableDiffusion3Pipeline.check_inputs``) or times 2 for FLUX's
+    2 x 2 packing (``FluxPipeline.check_inputs``). ``default_size`` is the pipelines'
+    default side in pixels, ``max_size`` the largest side SD3's positional embedding covers
+    (``None``: no limit). ``missing_text`` lists the absent parts ``encode`` needs.
+    """
+
+    path: str
+    pipeline: str
+    family: str
+    has_vae: bool
+    vae_scale_factor: int
+    size_multiple: int
+    default_size: int
+    max_size: Optional[int]
+    guidance_embeds: bool
+    latent_channels: int
+    missing_text: tuple[str, ...]
+
+
+def _read_json(path: str, what: str) -> dict:
+    import json
+
+    try:
+        with open(path) as f:
+            data = json.load(f)
+    except (OSError, ValueError) as err:
+        raise ConfigError(f"{what} {path} is unreadable: {err}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{what} {path} is not a JSON object")
+    return data
+
+
+def _present(entry: Any) -> bool:
+    return isinstance(entry, (list, tuple)) and len(entry) == 2 and all(x is not None for x in entry)
+
+
+def inspect_pipeline(path: str) -> PipelineInfo:
+    """Read ``model_index.json`` and the transformer's and VAE's ``config.json`` of a
+    pipeline folder, without diffusers and without loading weights; refuse, in one line
+    naming the folder, one that is missing, not a diffusers folder, or not SD3 / FLUX."""
+    import os
+
+    if not os.path.isdir(path):
+        raise ConfigError(f"pipeline folder {path} does not exist or is not a folder")
+    index_path = os.path.join(path, "model_index.json")
+    if not os.path.isfile(index_path):
+        raise ConfigError(f"pipeline folder {path} has no model_index.json (not a diffusers pipeline folder)")
+    index = _read_json(index_path, "pipeline index")
+    transformer = index.get("transformer")
+    cls = transformer[1] if _present(transformer) else None
+    family = _FAMILIES.get(cls)
+    if family is None:
+        found = index.get("_class_name", "?")
+        raise ConfigError(f"pipeline folder {path} is a {found} with transformer {cls}; "
+                          f"supported: {', '.join(_FAMILIES)} (SD3 or FLUX pipelines)")
+    tcfg = _read_json(os.path.join(path, "transformer", "config.json"), "transformer config")
+    has_vae = _present(index.get("vae"))
+    vsf = 8  # the pipelines' value without a VAE
+    if has_vae:
+        vcfg = _read_json(os.path.join(path, "vae", "config.json"), "VAE config")
+        vsf = 2 ** (len(vcfg.get("block_out_channels", (0,) * 4)) - 1)
+    in_ch = int(tcfg.get("in_channels", 16 if family == "sd3" else 64))
+    if family == "sd3":
+        patch = int(tcfg.get("patch_size", 2))
+        multiple, default = vsf * patch, int(tcfg.get("sample_size", 128)) * vsf
+        pos = tcfg.get("pos_embed_max_size")
+        max_size = int(pos) * patch * vsf if pos else None
+        latent = in_ch
+    else:
+        multiple, default, max_size, latent = vsf * 2, 128 * vsf, None, in_ch // 4
+    missing = tuple(k for k in _TEXT_PARTS[family] if not _present(index.get(k)))
+    return PipelineInfo(path=path, pipeline=str(index.get("_class_name", "")), family=family, has_vae=has_vae,
+                        vae_scale_factor=vsf, size_multiple=multiple, default_size=default, max_size=max_size,
+                        guidance_embeds=bool(tcfg.get("guidance_embeds", False)), latent_channels=latent,
+                        missing_text=missing)
+
+
+def check_accel(family: str, policy: Any) -> None:
+    """Refuse, before any model is loaded, a policy that the ``family`` adapter
+    (``"sd3"`` or ``"flux"``) cannot run (the same one-line error as sampling gives)."""
+    cls = {"sd3": SD3Transformer, "flux": FluxTransformer}[family]
+    check_policy(cls.__new__(cls), policy)
+
+
+def decode_latents(pipeline: Any, latents: Tensor) -> Tensor:
+    """Decode latents ``[B, C, H, W]`` (the bridge's, FLUX's unpacked) with the pipeline's VAE
+    into images ``[B, 3, f H, f W]`` (``f`` the VAE factor) in ``[-1, 1]``, unclamped, undoing the VAE's scaling and
+    shift as both pipelines do before ``vae.decode``:
+    ``latents / scaling_factor + shift_factor``."""
+    vae = pipeline.vae
+    if vae is None:
+        raise ConfigError("this pipeline has no VAE to decode with")
+    shift = getattr(vae.config, "shift_factor", None) or 0.0
+    z = latents / vae.config.scaling_factor + shift
+    with torch.no_grad():
+        return vae.decode(z.to(vae.dtype), return_dict=False)[0]
