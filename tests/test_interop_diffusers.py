@@ -323,3 +323,28 @@ def test_rf_edit_under_a_full_compute_cache_on_the_bridge_is_rf_edit():
     torch.testing.assert_close(cached.images, alone.images, rtol=0, atol=0)
     with pytest.raises(ConfigError, match="negative"):
         bridge.edit(latents, cond, neg, cfg=2.0)
+
+
+@pytest.mark.parametrize("family", ["sd3", "flux"])
+def test_rf_inversion_with_text_conditions_on_the_bridge(family):
+    from flowdit.edit.rf_inversion import controlled_forward_field, controlled_reverse_field
+
+    bridge, cond, neg, latents = _edit_case(family)
+    # gamma = eta = 0 is plain inversion and regeneration on the pipeline's grid.
+    plain = bridge.rf_inversion(latents, cond, neg, gamma=0.0, eta=0.0, solver="euler", steps=4)
+    grid = bridge.grid(4, latents.shape[-2], latents.shape[-1])
+    z = sample(lambda x, t: bridge.model(x, t, cond), latents, "euler", schedule=grid.flip(0)).x
+    torch.testing.assert_close(plain.noise, z, rtol=0, atol=0)
+    torch.testing.assert_close(plain.images, sample(lambda x, t: bridge.model(x, t, neg), z, "euler",
+                                                    schedule=grid).x, rtol=0, atol=0)
+    # gamma = 1 steers the forward pass onto the straight line to its noise sample y1.
+    y1 = torch.randn(latents.shape, generator=torch.Generator().manual_seed(0))
+    steered = bridge.rf_inversion(latents, cond, neg, gamma=1.0, eta=0.9, eta_steps=(0, 2), steps=4, seed=0)
+    fwd = controlled_forward_field(lambda x, t: bridge.model(x, t, cond), y1, 1.0)
+    torch.testing.assert_close(steered.noise, sample(fwd, latents, "euler", schedule=grid.flip(0)).x,
+                               rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(steered.noise, y1, rtol=1e-4, atol=1e-4)
+    rev = controlled_reverse_field(lambda x, t: bridge.model(x, t, neg), latents, 0.9,
+                                   (float(grid[2]), float(grid[0])))
+    torch.testing.assert_close(steered.images, sample(rev, steered.noise, "euler", schedule=grid).x,
+                               rtol=1e-6, atol=1e-6)

@@ -34,7 +34,7 @@ knows nothing about editing.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Optional, Union
+from typing import Callable, Iterable, Optional, Union
 
 import torch
 from torch import Tensor
@@ -45,13 +45,12 @@ from flowdit.inference.velocity import model_velocity
 from flowdit.sampling.sample import ADAPTIVE_METHODS, sample
 from flowdit.sampling.solvers import Solver
 
-from .inversion import sampling_grid
+from .conditions import Cond, check_condition, decreasing_grid, take_rows
 
 __all__ = ["ValueSharing", "value_sharing", "rf_edit", "EditResult", "default_edit_blocks", "edit_blocks",
            "MODES"]
 
 MODES = ("off", "record", "inject")
-Cond = Any  # class indices [N], or a dict of [N, ...] tensors (a text condition)
 
 
 class ValueSharing(Hook):
@@ -192,27 +191,6 @@ class EditResult:
     nfe_edit: int
 
 
-def _check_condition(name: str, cond: Optional[Cond], n: int) -> None:
-    """A condition for ``n`` images: class indices ``[n]``, a dict of ``[n, ...]`` tensors
-    (a text condition), or ``None``."""
-    if cond is None:
-        return
-    rows = {k: v.shape[0] if isinstance(v, Tensor) and v.dim() else None for k, v in cond.items()} \
-        if isinstance(cond, dict) else {"": cond.shape[0] if isinstance(cond, Tensor) and cond.dim() == 1 else None}
-    bad = [k for k, r in rows.items() if r != n]
-    if bad:
-        what = "labels [N]" if not isinstance(cond, dict) else f"condition tensors [N, ...] (not {', '.join(bad)})"
-        raise ConfigError(f"{name} must be {what} with N = {n} images")
-
-
-def _rows(cond: Optional[Cond], lo: int, hi: int, device: torch.device) -> Optional[Cond]:
-    if cond is None:
-        return None
-    if isinstance(cond, dict):
-        return {k: v[lo:hi].to(device) for k, v in cond.items()}
-    return cond[lo:hi].to(device)
-
-
 @torch.no_grad()
 def rf_edit(model, images: Tensor, source: Optional[Cond], target: Optional[Cond], inject_steps: int = 2,
             solver: Union[str, Solver] = "rf2", steps: int = 10, shift: float = 1.0,
@@ -249,15 +227,10 @@ def rf_edit(model, images: Tensor, source: Optional[Cond], target: Optional[Cond
     if not isinstance(images, Tensor) or images.dim() != 4:
         raise ConfigError(f"images must be a tensor [N, C, H, W], got {getattr(images, 'shape', images)}")
     for name, cond in (("source", source), ("target", target), ("negative", negative)):
-        _check_condition(name, cond, images.shape[0])
+        check_condition(name, cond, images.shape[0])
     if cfg_scale != 1.0 and negative is None and getattr(model, "null_class", None) is None:
         raise ConfigError("cfg_scale != 1 needs a negative condition for a model without a null class")
-    if grid is None:
-        gen_grid = sampling_grid(steps, shift)
-    else:
-        gen_grid = torch.as_tensor(grid, dtype=torch.float64).flatten()
-        if gen_grid.numel() != steps + 1 or not bool((gen_grid.diff() < 0).all()):
-            raise ConfigError(f"grid must be a decreasing time grid of steps + 1 = {steps + 1} times")
+    gen_grid = decreasing_grid(grid, steps, shift)
     inv_grid = gen_grid.flip(0)
     if policy is not None and "token_layout" in getattr(policy, "requires", ()):
         raise ConfigError(f"RF-Edit cannot run under {policy!r}: it changes which tokens attention sees, "
@@ -271,7 +244,7 @@ def rf_edit(model, images: Tensor, source: Optional[Cond], target: Optional[Cond
     for lo in range(0, len(images), batch_size):
         hi = lo + batch_size
         x = images[lo:hi].to(device).float()
-        ys, yt, yn = (_rows(c, lo, hi, device) for c in (source, target, negative))
+        ys, yt, yn = (take_rows(c, lo, hi, device) for c in (source, target, negative))
         sharing.clear()
         # Inversion step i mirrors regeneration step steps-1-i: record only those injected later.
         sharing.plan = lambda i: "record" if i >= steps - k else "off"

@@ -40,7 +40,7 @@ from flowdit.inference.velocity import model_velocity
 from flowdit.sampling.sample import sample
 from flowdit.sampling.solvers import ModelFn
 
-from .inversion import inversion_grid, sampling_grid
+from .conditions import Cond, check_condition, decreasing_grid, take_rows
 
 __all__ = ["controlled_forward_field", "controlled_reverse_field", "paper_forward_field", "paper_reverse_field",
            "rf_inversion", "RFInversionResult"]
@@ -124,24 +124,31 @@ class RFInversionResult:
 
 
 @torch.no_grad()
-def rf_inversion(model, images: Tensor, source: Optional[Tensor], target: Optional[Tensor], gamma: float = 0.5,
+def rf_inversion(model, images: Tensor, source: Optional[Cond], target: Optional[Cond], gamma: float = 0.5,
                  eta: float = 0.9, eta_steps: tuple[int, int] = (0, 3), solver: Any = "euler", steps: int = 10,
                  shift: float = 1.0, cfg_scale: float = 1.0, seed: int = 0, y1: Optional[Tensor] = None,
-                 amp_dtype: Optional[torch.dtype] = None, batch_size: int = 256, device: Any = "cpu"
-                 ) -> RFInversionResult:
-    """Invert ``images [N, C, H, W]`` with the controlled forward ODE under ``source [N]`` (None: null class)
-    and regenerate under ``target [N]`` with the controlled reverse ODE.
+                 amp_dtype: Optional[torch.dtype] = None, batch_size: int = 256, device: Any = "cpu",
+                 negative: Optional[Cond] = None, grid: Optional[Tensor] = None) -> RFInversionResult:
+    """Invert ``images [N, C, H, W]`` with the controlled forward ODE under ``source`` and
+    regenerate under ``target`` with the controlled reverse ODE.
 
-    ``y1`` (default: standard normal noise from ``seed``) is the fixed noise sample the controlled forward ODE steers to;
-    ``eta`` acts on regeneration steps ``eta_steps = (start, stop)`` (0-based, stop exclusive), i.e.
-    for ``t`` in ``(t_stop, t_start]`` of the sampling grid, as the paper's start/stop times.
+    ``source``, ``target``: class indices ``[N]`` (``None``: the null class) or text
+    conditions (dicts of ``[N, ...]`` tensors); ``negative``: the null condition of a guided
+    regeneration (default: the model's ``null_class``). ``y1`` (default: standard normal
+    noise from ``seed``) is the fixed noise sample the controlled forward ODE steers to;
+    ``eta`` acts on regeneration steps ``eta_steps = (start, stop)`` (0-based, stop
+    exclusive), i.e. for ``t`` in ``(t_stop, t_start]`` of the sampling grid, as the paper's
+    start/stop times. ``grid``: the sampling grid (a pipeline's own; default
+    ``sampling_grid(steps, shift)``), run backwards to invert.
     """
     if not isinstance(images, Tensor) or images.dim() != 4:
         raise ConfigError(f"images must be a tensor [N, C, H, W], got {getattr(images, 'shape', images)}")
+    for name, cond in (("source", source), ("target", target), ("negative", negative)):
+        check_condition(name, cond, images.shape[0])
     start, stop = (int(v) for v in eta_steps)
     if not 0 <= start <= stop <= steps:
         raise ConfigError(f"eta_steps must satisfy 0 <= start <= stop <= steps={steps}, got {eta_steps}")
-    grid = sampling_grid(steps, shift)
+    grid = decreasing_grid(grid, steps, shift)
     window = (float(grid[stop]), float(grid[start]))
     if y1 is None:
         y1 = torch.randn(images.shape, generator=torch.Generator().manual_seed(seed))
@@ -151,12 +158,12 @@ def rf_inversion(model, images: Tensor, source: Optional[Tensor], target: Option
     model.eval()
     outs, noises, nfe_inv, nfe_edit = [], [], 0, 0
     for lo in range(0, len(images), batch_size):
-        x = images[lo:lo + batch_size].to(device).float()
-        ys = None if source is None else source[lo:lo + batch_size].to(device)
-        yt = None if target is None else target[lo:lo + batch_size].to(device)
-        fwd = controlled_forward_field(model_velocity(model, ys, 1.0, amp_dtype), y1[lo:lo + batch_size].to(device), gamma)
-        z = sample(fwd, x, solver, schedule=inversion_grid(steps, shift))
-        rev = controlled_reverse_field(model_velocity(model, yt, cfg_scale, amp_dtype), x, eta, window)
+        hi = lo + batch_size
+        x = images[lo:hi].to(device).float()
+        ys, yt, yn = (take_rows(c, lo, hi, device) for c in (source, target, negative))
+        fwd = controlled_forward_field(model_velocity(model, ys, 1.0, amp_dtype), y1[lo:hi].to(device), gamma)
+        z = sample(fwd, x, solver, schedule=grid.flip(0))
+        rev = controlled_reverse_field(model_velocity(model, yt, cfg_scale, amp_dtype, null=yn), x, eta, window)
         out = sample(rev, z.x, solver, schedule=grid)
         outs.append(out.x.float().cpu())
         noises.append(z.x.float().cpu())

@@ -41,6 +41,7 @@ from flowdit.errors import ConfigError
 
 if TYPE_CHECKING:
     from flowdit.edit.rf_edit import EditResult
+    from flowdit.edit.rf_inversion import RFInversionResult
 
 __all__ = [
     "DiffusersTransformer",
@@ -504,6 +505,22 @@ class DiffusersBridge:
         return rf_edit(self.model, latents, source, target, inject_steps, solver, steps, blocks=blocks, cfg_scale=cfg,
                        batch_size=latents.shape[0], device=latents.device, policy=policy, negative=negative,
                        grid=grid)
+
+    def rf_inversion(self, latents: Tensor, source: dict, target: dict, gamma: float = 0.5, eta: float = 0.9,
+                     eta_steps: tuple[int, int] = (0, 7), solver: str = "euler", steps: int = 28,
+                     negative: Optional[dict] = None, cfg: float = 1.0, seed: int = 0) -> "RFInversionResult":
+        """RF-Inversion (``flowdit.edit.rf_inversion``) of a latent ``[B, C, H, W]`` from the
+        ``source`` to the ``target`` text condition on the pipeline's time grid: the
+        controlled forward ODE (``gamma``) under ``source``, the controlled reverse ODE
+        (``eta`` on regeneration steps ``eta_steps``) under ``target``."""
+        from flowdit.edit.rf_inversion import rf_inversion
+
+        if cfg != 1.0 and negative is None:
+            raise ConfigError("cfg != 1 needs a negative prompt condition")
+        grid = self.grid(steps, latents.shape[-2], latents.shape[-1])
+        return rf_inversion(self.model, latents, source, target, gamma, eta, eta_steps, solver, steps, cfg_scale=cfg,
+                            seed=seed, batch_size=latents.shape[0], device=latents.device, negative=negative,
+                            grid=grid)
 
 # -- a pipeline folder, read before anything is loaded -----------------------------------
 
