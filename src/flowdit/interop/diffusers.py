@@ -507,14 +507,18 @@ class DiffusersBridge:
                        grid=grid)
 
     def rf_inversion(self, latents: Tensor, source: dict, target: dict, gamma: float = 0.5, eta: float = 0.9,
-                     eta_steps: tuple[int, int] = (0, 7), solver: str = "euler", steps: int = 28,
+                     eta_steps: Optional[tuple[int, int]] = None, solver: str = "euler", steps: int = 28,
                      negative: Optional[dict] = None, cfg: float = 1.0, seed: int = 0) -> "RFInversionResult":
         """RF-Inversion (``flowdit.edit.rf_inversion``) of a latent ``[B, C, H, W]`` from the
         ``source`` to the ``target`` text condition on the pipeline's time grid: the
         controlled forward ODE (``gamma``) under ``source``, the controlled reverse ODE
-        (``eta`` on regeneration steps ``eta_steps``) under ``target``."""
+        (``eta`` on regeneration steps ``eta_steps``) under ``target``. ``eta_steps`` defaults
+        to the first quarter of the steps, ``(0, round(steps / 4))``, as the FLUX RF-Inversion
+        pipeline's ``stop_timestep=0.25`` (7 of its 28 steps)."""
         from flowdit.edit.rf_inversion import rf_inversion
 
+        if eta_steps is None:
+            eta_steps = (0, round(steps / 4))
         if cfg != 1.0 and negative is None:
             raise ConfigError("cfg != 1 needs a negative prompt condition")
         grid = self.grid(steps, latents.shape[-2], latents.shape[-1])
