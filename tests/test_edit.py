@@ -36,7 +36,6 @@ from flowdit.edit import (
 )
 from flowdit.errors import ConfigError
 from flowdit.models.attention import SDPAProcessor, merge_heads, qkv_heads
-from flowdit.models.registry import build_model
 from flowdit.sampling import sample
 from flowdit.sampling.context import StepContext
 
@@ -107,23 +106,6 @@ def test_inversion_grid_mirrors_sampling_grid():
 
 
 # ------------------------------------------------------------- model fixtures
-
-
-@pytest.fixture(scope="module")
-def tiny():
-    torch.manual_seed(0)
-    model = build_model("DiT-tiny", 8, 1, 4).eval()
-    # adaLN-Zero starts every block as the identity: randomise so that attention matters.
-    with torch.no_grad():
-        for p in model.parameters():
-            p.normal_(0, 0.2)
-    return model
-
-
-@pytest.fixture(scope="module")
-def batch():
-    g = torch.Generator().manual_seed(3)
-    return torch.rand(3, 1, 8, 8, generator=g) * 2 - 1, torch.tensor([0, 1, 2]), torch.tensor([3, 3, 0])
 
 
 # -------------------------------------------------------------------- RF-Edit

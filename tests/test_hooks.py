@@ -8,24 +8,7 @@ from flowdit.accel import build_policy
 from flowdit.core.hooks import HookList, StepContext
 from flowdit.edit import inversion_grid, model_velocity, rf_edit, sampling_grid, value_sharing
 from flowdit.errors import ConfigError
-from flowdit.models.registry import build_model
 from flowdit.sampling import sample
-
-
-@pytest.fixture(scope="module")
-def tiny():
-    torch.manual_seed(0)
-    model = build_model("DiT-tiny", 8, 1, 4).eval()
-    with torch.no_grad():  # adaLN-Zero starts as the identity: randomise so attention matters
-        for p in model.parameters():
-            p.normal_(0, 0.2)
-    return model
-
-
-@pytest.fixture(scope="module")
-def batch():
-    g = torch.Generator().manual_seed(3)
-    return torch.rand(3, 1, 8, 8, generator=g) * 2 - 1, torch.tensor([0, 1, 2]), torch.tensor([3, 3, 0])
 
 
 class Affine:

@@ -121,13 +121,13 @@ def diffusers_loop(tr, family, noise, cond, neg, cfg, on_step=None):
     return x if family == "sd3" else unpack_flux_latents(x, noise.shape[-2], noise.shape[-1])
 
 
-def flowdit_run(tr, family, noise, cond, neg, cfg, policy=None):
+def flowdit_run(tr, family, noise, cond, neg, cfg, policy=None, ctx=None):
     """flowdit's Euler on the pipeline's grid through the adapter, with ``policy``."""
     model = wrap_transformer(tr)
     seq = (noise.shape[-2] // 2) * (noise.shape[-1] // 2)
     grid = scheduler_grid(FlowMatchEulerDiscreteScheduler(shift=3.0) if family == "sd3" else flux_scheduler(),
                           STEPS, image_seq_len=seq)
-    ctx = StepContext(block_policy=policy)
+    ctx = StepContext(block_policy=policy) if ctx is None else ctx
     if cfg == 1.0:
         def fn(x, t):
             ctx.branch = "cond"
@@ -224,17 +224,7 @@ def run_flowdit(policy, family="flux"):
     full = record_full_steps(tr, lambda: holder["ctx"].step)
     model_ctx = StepContext(block_policy=policy)
     holder["ctx"] = model_ctx
-    with torch.no_grad():
-        model = wrap_transformer(tr)
-        grid = scheduler_grid(FlowMatchEulerDiscreteScheduler(shift=3.0) if family == "sd3" else flux_scheduler(),
-                              STEPS, image_seq_len=(noise.shape[-2] // 2) * (noise.shape[-1] // 2))
-        if cfg == 1.0:
-            def fn(x, t):
-                model_ctx.branch = "cond"
-                return model(x, t, cond, ctx=model_ctx)
-        else:
-            fn = cfg_velocity(model, cond, neg, cfg, ctx=model_ctx)
-        out = sample(fn, noise.clone(), solver="euler", schedule=grid, step_context=model_ctx).x
+    out, _ = flowdit_run(tr, family, noise, cond, neg, cfg, ctx=model_ctx)
     return out, full
 
 

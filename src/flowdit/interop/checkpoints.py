@@ -355,7 +355,18 @@ def _batch_time(t: Any, x: Tensor) -> Tensor:
     return t.expand(x.shape[0]) if t.ndim == 0 else t
 
 
-class DDPMEpsVelocity(nn.Module):
+class _ImportedDiT(nn.Module):
+    """What flowdit's samplers and guidance read of a model, passed through from the
+    wrapped network ``self.net``."""
+
+    in_channels = property(lambda self: self.net.in_channels)
+    out_channels = property(lambda self: self.net.out_channels)
+    num_classes = property(lambda self: self.net.num_classes)
+    null_class = property(lambda self: self.net.null_class)
+    config = property(lambda self: self.net.config)
+
+
+class DDPMEpsVelocity(_ImportedDiT):
     """A DDPM epsilon predictor as a flowdit velocity model ``model(x, t, y, ctx=None) -> v``.
 
     For flowdit's ``t`` the DDPM coordinates are ``sigma / alpha = t / (1 - t)`` with
@@ -398,11 +409,6 @@ class DDPMEpsVelocity(nn.Module):
         self.source = source
         self.learn_sigma = bool(getattr(net, "learn_sigma", False))
 
-    in_channels = property(lambda self: self.net.in_channels)
-    out_channels = property(lambda self: self.net.out_channels)
-    num_classes = property(lambda self: self.net.num_classes)
-    null_class = property(lambda self: self.net.null_class)
-    config = property(lambda self: self.net.config)
 
     @property
     def t_range(self) -> tuple[float, float]:
@@ -451,7 +457,7 @@ class DDPMEpsVelocity(nn.Module):
         return eps - x0
 
 
-class SiTVelocity(nn.Module):
+class SiTVelocity(_ImportedDiT):
     """A SiT velocity model in flowdit's conventions: ``v(x, t) = -v_SiT(x, 1 - t)``.
 
     SiT's linear path is ``x_s = s x_data + (1 - s) noise`` (``s = 0`` noise) with target
@@ -470,11 +476,6 @@ class SiTVelocity(nn.Module):
         self.source = source
         self.learn_sigma = bool(getattr(net, "learn_sigma", False))
 
-    in_channels = property(lambda self: self.net.in_channels)
-    out_channels = property(lambda self: self.net.out_channels)
-    num_classes = property(lambda self: self.net.num_classes)
-    null_class = property(lambda self: self.net.null_class)
-    config = property(lambda self: self.net.config)
 
     def forward(self, x: Tensor, t: Any, y: Optional[Tensor] = None, ctx: Any = None) -> Tensor:
         """Velocity ``v = eps - x0 [B, C, H, W]`` at flowdit's ``(x_t, t)``."""
