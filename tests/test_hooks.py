@@ -127,3 +127,53 @@ def test_rf_edit_refuses_a_policy_that_changes_the_tokens(tiny, batch):
     for spec in ("tome:ratio=0.25", "ras"):
         with pytest.raises(ConfigError, match="changes which tokens"):
             rf_edit(tiny, x, ys, yt, inject_steps=1, steps=4, policy=build_policy(spec))
+
+
+# ----------------------------------------------------------- around each block
+
+
+class ScaleUpdate:
+    """A block hook that scales each block's update: ``x + s (run(x) - x)``."""
+
+    def __init__(self, name, s, log):
+        self.name, self.s, self.log = name, s, log
+
+    def block(self, block, x, c_act, ctx, run):
+        self.log.append(self.name)
+        return x + self.s * (run(x) - x)
+
+
+def test_block_hooks_nest_in_registration_order(tiny, batch):
+    x, y, _ = batch
+    t = torch.full((3,), 0.3)
+    log = []
+    # Outer scales by 2 the update of the inner (which halves it): the block is unchanged.
+    ctx = StepContext(hooks=[ScaleUpdate("outer", 2.0, log), ScaleUpdate("inner", 0.5, log)])
+    torch.testing.assert_close(tiny(x, t, y, ctx=ctx), tiny(x, t, y), rtol=1e-5, atol=1e-6)
+    assert log[:2] == ["outer", "inner"] and len(log) == 2 * len(tiny.blocks)
+    # A zero update makes every block the identity: the output is the final layer on the input tokens.
+    ctx = StepContext(hooks=[ScaleUpdate("off", 0.0, [])])
+    tokens, c_act = tiny.embed(x, t, y)
+    expected = tiny.unpatchify(tiny.final_layer(tokens, c_act))
+    torch.testing.assert_close(tiny(x, t, y, ctx=ctx), expected, rtol=0, atol=0)
+
+
+def test_token_merging_hook_is_the_tome_policy_and_composes_with_a_cache(tiny, batch):
+    from flowdit.accel import TokenMerging
+
+    x, y, _ = batch
+    grid = sampling_grid(6)
+
+    def run(ctx):
+        return sample(model_velocity(tiny, y, 1.5, ctx=ctx), x, "euler", schedule=grid, step_context=ctx).x
+
+    as_policy = run(StepContext(block_policy=build_policy("tome:ratio=0.25")))
+    as_hook = run(StepContext(hooks=[TokenMerging(0.25)]))
+    torch.testing.assert_close(as_hook, as_policy, rtol=0, atol=0)
+    # Under a stack cache at full compute the merged blocks run on every call: the same images.
+    cached = run(StepContext(block_policy=build_policy("fora:interval=1,cache=stack"), hooks=[TokenMerging(0.25)]))
+    torch.testing.assert_close(cached, as_policy, rtol=0, atol=0)
+    # With skipping, the cache's full calls merge; the result differs from both parts alone.
+    both = run(StepContext(block_policy=build_policy("fora:interval=2,cache=stack"), hooks=[TokenMerging(0.25)]))
+    only_cache = run(StepContext(block_policy=build_policy("fora:interval=2,cache=stack")))
+    assert (both - only_cache).abs().max() > 1e-4 and (both - as_policy).abs().max() > 1e-4

@@ -31,12 +31,12 @@ from .ras import RAS, KVCacheProcessor
 from .registry import POLICIES, build_policy, parse_spec, policy_keys
 from .reuses import REUSES, BlockReuse, DeltaReuse, ResidualReuse, Reuse, TaylorReuse
 from .taylorseer import TaylorSeer
-from .tome import ToMe, bipartite_merge
+from .tome import TokenMerging, ToMe, bipartite_merge
 
 __all__ = [
     "BlockPolicy", "StepContext", "BlockPolicyBase", "FullCompute", "PolicyStats", "block_flops",
     "FORA", "DeltaDiT", "TaylorSeer", "GatedTaylor", "FirstBlockCache", "TeaCache", "calibrate_teacache",
-    "RAS", "KVCacheProcessor", "ToMe", "bipartite_merge", "GroupedAttention", "GroupedAttentionProcessor",
+    "RAS", "KVCacheProcessor", "ToMe", "TokenMerging", "bipartite_merge", "GroupedAttention", "GroupedAttentionProcessor",
     "group_mask", "TaylorForecaster", "NewtonForecaster", "TaylorHistory", "POLICIES", "build_policy", "parse_spec",
     "policy_keys", "Cache", "Call", "Gate", "ScheduleGate", "FirstBlockGate", "TeaCacheGate", "ConfidenceGate", "GATES",
     "Reuse", "ResidualReuse", "BlockReuse", "TaylorReuse", "DeltaReuse", "REUSES",

@@ -7,6 +7,11 @@ similarity of the features), and the ``r = ratio * N`` best-matched A tokens are
 into their partners (bipartite soft matching). The block runs on the ``N - r`` remaining
 tokens; its update is copied back to every token of a merge ("unmerge"). The update,
 not the output, is copied, so merged tokens keep their own residual stream.
+
+Two forms: the block policy ``ToMe`` (``--accel tome:ratio=...``) owns the stack and merges
+in every block; the step hook ``TokenMerging`` does the same at the ``block`` hook point,
+so it composes with a block policy that runs whole blocks (a stack-level cache merges in
+the blocks of its full calls).
 """
 
 from __future__ import annotations
@@ -17,7 +22,7 @@ import torch
 
 from .base import BlockPolicyBase, _in_range, block_flops
 
-__all__ = ["ToMe", "bipartite_merge"]
+__all__ = ["ToMe", "TokenMerging", "bipartite_merge", "merged_update"]
 
 
 def bipartite_merge(x: torch.Tensor, r: int) -> tuple[torch.Tensor, Callable[[torch.Tensor], torch.Tensor]]:
@@ -56,6 +61,32 @@ def bipartite_merge(x: torch.Tensor, r: int) -> tuple[torch.Tensor, Callable[[to
     return merged, unmerge
 
 
+def merged_update(x: torch.Tensor, r: int, run: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    """One block on merged tokens: ``x + unmerge(run(x_m) - x_m)`` with ``x_m`` the ``N - r``
+    tokens of ``bipartite_merge(x [B, N, D], r)``."""
+    xm, unmerge = bipartite_merge(x, r)
+    return x + unmerge(run(xm) - xm)
+
+
+class TokenMerging:
+    """ToMe as a ``block`` step hook (``flowdit.core.hooks``): each whole-block call runs on
+    ``N - int(ratio N)`` merged tokens. ``ratio`` in [0, 0.5]; 0 leaves every block as it is.
+    Register it with ``StepContext(block_policy=..., hooks=[TokenMerging(0.3)])``."""
+
+    name = "tome"
+
+    def __init__(self, ratio: float = 0.3):
+        self.ratio = _in_range(self.name, "ratio", ratio, 0.0, 0.5)
+
+    def reset(self) -> None:
+        """Nothing is kept between calls."""
+
+    def block(self, block, x: torch.Tensor, c_act: torch.Tensor, ctx, run) -> torch.Tensor:
+        """``x [B, N, D]`` through ``run`` on merged tokens."""
+        r = int(self.ratio * x.shape[1])
+        return run(x) if r == 0 else merged_update(x, r, run)
+
+
 class ToMe(BlockPolicyBase):
     """Run every block on ``(1 - ratio) N`` merged tokens.
 
@@ -80,8 +111,7 @@ class ToMe(BlockPolicyBase):
             return self.run_blocks(model, tokens, c_act, ctx)
         x = tokens
         for block in model.blocks:
-            xm, unmerge = bipartite_merge(x, r)
-            x = x + unmerge(block(xm, c_act, ctx) - xm)
+            x = merged_update(x, r, lambda xm: block(xm, c_act, ctx))
         m = N - min(r, (N + 1) // 2)
         self.stats.block_evals += m / N
         self.stats.flops += len(model.blocks) * B * block_flops(model, m)

@@ -14,11 +14,15 @@ Hook points, in the order they fire within one velocity evaluation:
 2. ``run(model, tokens [B, N, D], c_act [B, D], ctx) -> tokens``: *around the block stack*.
    At most one hook owns the stack (a block policy: it decides which blocks run on which
    tokens); registering a second one is refused.
-3. ``attention(attn, q, k, v, ctx) -> (q, k, v)``: *around attention*, inside every
+3. ``block(block, x [B, N, D], c_act [B, D], ctx, run) -> x``: *around each block*, where
+   ``run(x)`` computes the block; it fires on every call of a whole block (the model's
+   loop, a policy running blocks), not on per-block caches that replay a block's branches.
+   Several block hooks nest, the first registered outermost.
+4. ``attention(attn, q, k, v, ctx) -> (q, k, v)``: *around attention*, inside every
    attention layer after the projections (``[B, H, N, Dh]`` each), before the kernel.
-4. ``after_output(model, v [B, C, H, W], ctx) -> v``: after the model's output layer, per
+5. ``after_output(model, v [B, C, H, W], ctx) -> v``: after the model's output layer, per
    model call (per branch when the guidance branches run as separate calls).
-5. ``after_velocity(v, ctx)``: the loop, with the velocity the solver will use (guidance
+6. ``after_velocity(v, ctx)``: the loop, with the velocity the solver will use (guidance
    applied); returns nothing.
 
 Hooks at the same point run in registration order, each seeing the previous one's
@@ -50,10 +54,10 @@ import torch
 from flowdit.errors import ConfigError
 
 __all__ = ["Hook", "BlockPolicy", "HookList", "StepContext", "CFG_MODES", "HOOK_POINTS", "attention_hooks",
-           "output_hooks"]
+           "block_hooks", "output_hooks"]
 
 CFG_MODES = ("batched", "split")
-HOOK_POINTS = ("begin_evaluation", "run", "attention", "after_output", "after_velocity")
+HOOK_POINTS = ("begin_evaluation", "run", "block", "attention", "after_output", "after_velocity")
 
 
 class Hook:
@@ -140,6 +144,7 @@ class HookList:
 
         self.begin_evaluation = point("begin_evaluation")
         self.attention = point("attention")
+        self.block = point("block")
         self.after_output = point("after_output")
         self.after_velocity = point("after_velocity")
         owners = [(n, h) for n, h in self._hooks.items() if callable(getattr(h, "run", None))]
@@ -226,6 +231,15 @@ def attention_hooks(attn, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     for hook in ctx.hooks.attention:
         q, k, v = hook(attn, q, k, v, ctx)
     return q, k, v
+
+
+def block_hooks(block, x: torch.Tensor, c_act: torch.Tensor, ctx: StepContext,
+                run) -> torch.Tensor:
+    """Run ``run(x) -> x`` (one block on ``x [B, N, D]``) inside the context's ``block``
+    hooks, the first registered outermost."""
+    for hook in reversed(ctx.hooks.block):
+        run = (lambda h, inner: lambda xx: h(block, xx, c_act, ctx, inner))(hook, run)
+    return run(x)
 
 
 def output_hooks(model, v: torch.Tensor, ctx: Optional[StepContext]) -> torch.Tensor:

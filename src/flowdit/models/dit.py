@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from ..core.hooks import StepContext, output_hooks
+from ..core.hooks import StepContext, block_hooks, output_hooks
 from .attention import Attention, AttentionProcessor
 from .layers import LabelEmbedder, Mlp, PatchEmbed, TimestepEmbedder, modulate, sincos_pos_embed_2d
 
@@ -81,6 +81,12 @@ class DiTBlock(nn.Module):
         return self.adaLN_modulation[1](c_act).chunk(6, dim=-1)
 
     def forward(self, x: torch.Tensor, c_act: torch.Tensor, ctx: Optional[StepContext] = None) -> torch.Tensor:
+        """``x [B, N, D] -> [B, N, D]``, inside the context's ``block`` hooks when it has some."""
+        if ctx is not None and ctx.hooks.block:
+            return block_hooks(self, x, c_act, ctx, lambda xx: self._forward(xx, c_act, ctx))
+        return self._forward(x, c_act, ctx)
+
+    def _forward(self, x: torch.Tensor, c_act: torch.Tensor, ctx: Optional[StepContext]) -> torch.Tensor:
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.modulation(c_act)
         x = x + gate_msa.unsqueeze(1) * self.attn(modulate(self.norm1(x), shift_msa, scale_msa), ctx)
         x = x + gate_mlp.unsqueeze(1) * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
