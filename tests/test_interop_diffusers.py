@@ -348,3 +348,20 @@ def test_rf_inversion_with_text_conditions_on_the_bridge(family):
                                    (float(grid[2]), float(grid[0])))
     torch.testing.assert_close(steered.images, sample(rev, steered.noise, "euler", schedule=grid).x,
                                rtol=1e-6, atol=1e-6)
+
+
+def test_flowdit_shifts_are_sd3_and_flux_shifts():
+    from diffusers.pipelines.flux.pipeline_flux import calculate_shift
+
+    from flowdit.core import dynamic_shift, resolution_shift, shift_time
+
+    sch = FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True)
+    t = torch.linspace(0.01, 1.0, 50, dtype=torch.float64)
+    for seq in (64, 256, 1024, 4096):
+        mu = calculate_shift(seq)
+        torch.testing.assert_close(shift_time(t, dynamic_shift(seq)), sch._time_shift_exponential(mu, 1.0, t),
+                                   rtol=1e-12, atol=1e-12)
+    # SD3 trains 1024^2 with shift 3.0; its rule sqrt(m / n) maps 256^2 -> 1024^2 to 4.
+    assert resolution_shift(4096, 256) == 4.0
+    with pytest.raises(ConfigError, match="num_tokens"):
+        dynamic_shift(0)

@@ -21,10 +21,14 @@ from flowdit.core.timesteps import (
     Uniform,
     UShaped,
     build_time_sampler,
+    dynamic_shift,
+    resolution_shift,
     shift_time,
 )
 
 __all__ = [
+    "resolution_shift",
+    "dynamic_shift",
     "expand_t",
     "interpolate",
     "velocity_target",

@@ -25,6 +25,8 @@ from flowdit.errors import ConfigError
 
 __all__ = [
     "shift_time",
+    "resolution_shift",
+    "dynamic_shift",
     "TimeSampler",
     "Uniform",
     "LogitNormal",
@@ -58,6 +60,32 @@ def shift_time(t: Tensor | float, shift: float) -> Tensor | float:
     # exactly 1 in floating point (s / (s + 0)); the other form misses by an ulp.
     st = shift * t
     return st / (st + (1 - t))
+
+
+def resolution_shift(num_tokens: int, base_tokens: int) -> float:
+    """SD3's resolution-dependent shift factor ``alpha = sqrt(m / n)`` (Esser et al. 2024,
+    sec. 5.3.2, eq. 23): ``m`` the token (or pixel) count of the resolution sampled or
+    trained, ``n`` that of the base resolution whose schedule it should match. Use it as
+    ``shift_time(t, resolution_shift(m, n))``."""
+    for name, v in (("num_tokens", num_tokens), ("base_tokens", base_tokens)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise ConfigError(f"{name} must be a positive integer, got {v!r}")
+    return math.sqrt(num_tokens / base_tokens)
+
+
+def dynamic_shift(num_tokens: int, base_tokens: int = 256, max_tokens: int = 4096, base_shift: float = 0.5,
+                  max_shift: float = 1.15) -> float:
+    """FLUX's token-count-dependent shift factor ``exp(mu)``, with ``mu`` linear in the
+    packed image sequence length: ``base_shift`` at ``base_tokens``, ``max_shift`` at
+    ``max_tokens`` (FLUX.1's scheduler defaults). FLUX shifts its sigmas exponentially,
+    ``e^mu / (e^mu + (1 / t - 1))``, which is ``shift_time(t, exp(mu))``: use it the same way
+    as ``resolution_shift``."""
+    if isinstance(num_tokens, bool) or not isinstance(num_tokens, int) or num_tokens < 1:
+        raise ConfigError(f"num_tokens must be a positive integer, got {num_tokens!r}")
+    if max_tokens == base_tokens:
+        raise ConfigError("dynamic_shift: max_tokens must differ from base_tokens")
+    slope = (max_shift - base_shift) / (max_tokens - base_tokens)
+    return math.exp(base_shift + slope * (num_tokens - base_tokens))
 
 
 def _shift_derivative(t: Tensor, shift: float) -> Tensor:
