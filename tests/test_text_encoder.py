@@ -282,3 +282,35 @@ def test_minilm_bf16_is_close_to_fp32(minilm):
     assert cond["pooled"].dtype == torch.float32
     cos = (cond["pooled"] * minilm.encode(PROMPTS[:3])["pooled"]).sum(1)
     assert bool((cos > 0.99).all()) and enc.identity != minilm.identity
+
+
+@needs_minilm
+def test_hf_encoder_runs_t5_and_clip_folders_as_text_encoders(minilm, tmp_path):
+    """Tiny random T5 and CLIP folders (with MiniLM's tokenizer files): T5 runs its encoder
+    only, CLIP its text tower; pooled is the masked mean or the model's pooler output."""
+    import transformers as tr
+
+    torch.manual_seed(0)
+    t5 = tr.T5Model(tr.T5Config(vocab_size=30522, d_model=16, d_ff=32, d_kv=8, num_layers=1, num_heads=2))
+    t5.save_pretrained(tmp_path / "t5")
+    minilm.tokenizer.save_pretrained(tmp_path / "t5")
+    enc = build_text_encoder(str(tmp_path / "t5"), max_length=12)
+    assert type(enc.model).__name__ == "T5EncoderModel" and enc.dim == 16
+    cond = enc.encode(PROMPTS[:2])
+    check_condition(cond, 2)
+    torch.testing.assert_close(cond["pooled"], F.normalize(mean_pool(cond["tokens"], cond["mask"]), dim=1))
+
+    text = dict(vocab_size=30522, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                max_position_embeddings=32, eos_token_id=minilm.tokenizer.sep_token_id)
+    vision = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, image_size=8,
+                  patch_size=4)
+    clip = tr.CLIPModel(tr.CLIPConfig(text_config=text, vision_config=vision, projection_dim=8))
+    clip.save_pretrained(tmp_path / "clip")
+    minilm.tokenizer.save_pretrained(tmp_path / "clip")
+    enc = build_text_encoder(str(tmp_path / "clip"), pooling="pooler", max_length=12)
+    assert type(enc.model).__name__ == "CLIPTextModel"
+    cond = enc.encode(PROMPTS[:2])
+    check_condition(cond, 2)
+    assert cond["pooled"].shape == (2, 16)
+    n = cond["mask"].sum(1)  # CLIP pools the end-of-text token's (final-normed) state
+    torch.testing.assert_close(cond["pooled"], cond["tokens"][torch.arange(2), n - 1], rtol=0, atol=1e-6)

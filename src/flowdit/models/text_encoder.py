@@ -219,12 +219,14 @@ class HFEncoder(TextEncoder):
         self.dtype, self.device = dtype, torch.device(device)
         self._digest: str | None = None
         tr = _lazy_transformers()
-        bar = tr.utils.logging.is_progress_bar_enabled()
-        tr.utils.logging.disable_progress_bar()
+        bar, verbosity = tr.utils.logging.is_progress_bar_enabled(), tr.utils.logging.get_verbosity()
+        tr.utils.logging.disable_progress_bar()  # no loading bars, no report of the unused (vision) weights
+        tr.utils.logging.set_verbosity_error()
         try:
             self.tokenizer = tr.AutoTokenizer.from_pretrained(str(self.path), local_files_only=True)
             self.model = self._load_model(tr)
         finally:
+            tr.utils.logging.set_verbosity(verbosity)
             if bar:
                 tr.utils.logging.enable_progress_bar()
         self.tokenizer.padding_side = "right"
