@@ -120,6 +120,20 @@ class Scene:
         return caps[0] if rng is None else caps[int(rng.integers(len(caps)))]
 
 
+def graph_signature(scene: Scene) -> tuple[frozenset, frozenset]:
+    """The scene graph without centres and object order: the set of ``(colour, shape, size)``
+    and the set of relations written as ``(a, "left of" | "above", b)`` (either direction of a
+    relation gives the same entry). Two scenes with one signature have the same captions."""
+    key = [(o.colour, o.shape, o.size) for o in scene.objects]
+    rels = set()
+    for i, r, j in scene.relations:
+        a, b = key[i], key[j]
+        if r in ("right of", "below"):
+            a, b, r = b, a, INVERSE[r]
+        rels.add((a, r, b))
+    return frozenset(key), frozenset(rels)
+
+
 def _polygon(shape: str, cx: float, cy: float, r: float) -> list[tuple[float, float]] | None:
     """Vertices of a polygonal shape (None for circle and ring)."""
     if shape == "square":
