@@ -7,7 +7,9 @@ components, and each component large enough to be an object is described by
 - its **shape**, from geometric features: a hole (ring); else the dominant harmonic 3, 4 or 5
   of its radial profile (distance from the centroid against angle: triangle, square or cross,
   star), cross and square told apart by solidity = area / convex-hull area (0.7 against 1);
-  no strong harmonic: square (a weak harmonic 4 or a full bounding box) or else circle;
+  a weak dominant harmonic still decides when the blob is too concave (solidity < 0.86) to be
+  a circle or square (small stars); otherwise square (a weak harmonic 4 or a full bounding
+  box) or else circle;
 - its **size**, from the radius its hole-filled area implies for the detected shape
   (``sqrt(area / shape_area_coefficient(shape))``), split at the geometric mean of the radii;
 - its **centre**, the centroid of the hole-filled mask, normalised to ``[0, 1]``.
@@ -113,7 +115,7 @@ def classify_shape(f: dict) -> str:
         return "ring"
     h = f["harmonics"]
     k = 3 + int(np.argmax(h[3:6]))
-    if h[k] > HARMONIC_THRESHOLD:
+    if h[k] > HARMONIC_THRESHOLD or f["solidity"] < 0.86:  # corners, or too concave for a circle
         if k == 3:
             return "triangle"
         if k == 5:
