@@ -2,12 +2,12 @@
 
     python benchmarks/shapes_judge.py [--n 1000] [--sigma 0.05] [--size 64] [--no-write]
 
-Renders the first ``--n`` scenes of the ``test`` and ``heldout`` splits of
+Renders the first ``--n`` scenes of the ``val``, ``test`` and ``heldout`` splits of
 ``flowdit.data.shapes`` at ``--size`` x ``--size``, judges each against its own scene graph,
 and reports per-attribute accuracy (colour, shape, size), object accuracy (all three right),
 count accuracy, relation accuracy and whole-prompt exact match, overall and by object count.
 The noisy rows add i.i.d. Gaussian noise of standard deviation ``--sigma`` (images in [0, 1],
-clipped; noise seed 0). Deterministic; about 15 s on one core. Writes
+clipped; noise seed 0). Deterministic; about 20 s on one core. Writes
 ``benchmarks/results/shapes_judge.{json,md}`` unless ``--no-write``.
 """
 
@@ -55,7 +55,7 @@ def main(argv=None) -> int:
     payload = {"n": args.n, "sigma": args.sigma, "size": args.size, "machine": machine_info(), "results": []}
     head = ["split", "noise", "objects", "n", *KEYS]
     rows = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
-    for split in ("test", "heldout"):
+    for split in ("val", "test", "heldout"):
         scenes = split_scenes(split, args.n)
         for sigma in (0.0, args.sigma):
             res = evaluate(scenes, args.size, sigma)
