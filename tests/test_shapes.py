@@ -90,8 +90,9 @@ def test_judge_rejects_wrong_images():
     img = render_scene(s)[0]
     assert judge(img, s)["exact"]
     a = s.objects[0]
-    other_colour = next(c for c in COLOURS if c != a.colour and (c, a.shape) != (s.objects[1].colour, s.objects[1].shape))
-    other_shape = next(x for x in SHAPES if x != a.shape and (a.colour, x) != (s.objects[1].colour, s.objects[1].shape))
+    b = (s.objects[1].colour, s.objects[1].shape)
+    other_colour = next(c for c in COLOURS if c != a.colour and (c, a.shape) != b)
+    other_shape = next(x for x in SHAPES if x != a.shape and (a.colour, x) != b)
     for changed in (dataclasses.replace(a, colour=other_colour), dataclasses.replace(a, shape=other_shape),
                     dataclasses.replace(a, size="small" if a.size == "large" else "large")):  # fmt: skip
         wrong = Scene(objects=(changed, s.objects[1]), relations=s.relations)
@@ -104,8 +105,8 @@ def test_judge_rejects_wrong_images():
     assert not r["count"] and not r["exact"]
     # a swapped relation: the objects exchange places
     o0, o1 = s.objects
-    swapped = Scene(objects=(dataclasses.replace(o0, centre=o1.centre), dataclasses.replace(o1, centre=o0.centre)),
-                    relations=s.relations)  # fmt: skip
+    moved = (dataclasses.replace(o0, centre=o1.centre), dataclasses.replace(o1, centre=o0.centre))
+    swapped = Scene(objects=moved, relations=s.relations)
     r = judge(render_scene(swapped)[0], s)
     assert r["relation"] == 0.0 and not r["exact"]
     # a blank image
@@ -118,3 +119,10 @@ def test_bad_arguments():
         random_scene(np.random.default_rng(0), 4)
     with pytest.raises(ConfigError):
         split_scenes("nope", 3)
+
+
+def test_judge_other_sizes_and_float_input():
+    for s in split_scenes("val", 20):
+        img = render_scene(s, 64, 128)[0]
+        assert judge(img, s)["exact"]
+        assert judge(img.astype(np.float32) / 255.0, s)["exact"]

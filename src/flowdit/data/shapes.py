@@ -140,7 +140,8 @@ def _polygon(shape: str, cx: float, cy: float, r: float) -> list[tuple[float, fl
         h = SQUARE_HALF * r
         return [(cx - h, cy - h), (cx + h, cy - h), (cx + h, cy + h), (cx - h, cy + h)]
     if shape == "triangle":  # equilateral, pointing up, inscribed in the circle
-        return [(cx + r * math.sin(a), cy - r * math.cos(a)) for a in (0.0, 2 * math.pi / 3, 4 * math.pi / 3)]
+        angles = (0.0, 2 * math.pi / 3, 4 * math.pi / 3)
+        return [(cx + r * math.sin(a), cy - r * math.cos(a)) for a in angles]
     if shape == "star":
         pts = []
         for k in range(10):
@@ -254,7 +255,9 @@ def random_scene(rng: np.random.Generator, n_objects: int | None = None, split: 
         return Scene(objects=objects, relations=rels)
 
 
-def _place(rng: np.random.Generator, radii: list[float], tries: int = 400) -> list[tuple[float, float]] | None:
+def _place(
+    rng: np.random.Generator, radii: list[float], tries: int = 400
+) -> list[tuple[float, float]] | None:
     """Centres on the reference canvas: inside, bounding circles GAP apart, consecutive
     pairs separated by >= RELATION_MARGIN on their major axis; None if no layout was found."""
     out: list[tuple[float, float]] = []
@@ -319,7 +322,9 @@ def split_scenes(split: str, n: int | None = None, seed: int = 0) -> list[Scene]
     return [random_scene(scene_seed(split, i, seed), split=split) for i in range(n)]
 
 
-def train_stream(seed: int = 0, height: int = 64, width: int = 64) -> Iterator[tuple[np.ndarray, Scene, str]]:
+def train_stream(
+    seed: int = 0, height: int = 64, width: int = 64
+) -> Iterator[tuple[np.ndarray, Scene, str]]:
     """Endless ``(image, scene, caption)`` triples of the training distribution; the caption is
     one of the scene's paraphrases, drawn with the scene's own generator."""
     i = 0

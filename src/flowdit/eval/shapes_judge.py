@@ -32,6 +32,7 @@ from flowdit.data.shapes import (
     BACKGROUND,
     COLOURS,
     INVERSE,
+    SHAPES,
     SIZES,
     Scene,
     SceneObject,
@@ -46,7 +47,7 @@ HARMONIC_THRESHOLD = 0.1  # radial harmonic (relative) above which a blob has th
 
 _NAMES = list(COLOURS)
 _PALETTE = np.asarray([COLOURS[n] for n in _NAMES] + [BACKGROUND], np.float32)
-_AREA_K = {s: shape_area_coefficient(s) for s in ("circle", "square", "triangle", "star", "ring", "cross")}
+_AREA_K = {s: shape_area_coefficient(s) for s in SHAPES}
 _SIZE_SPLIT = math.sqrt(SIZES["small"] * SIZES["large"])  # reference px
 
 
@@ -165,17 +166,22 @@ def judge(image: np.ndarray, scene: Scene) -> dict:
         for i, o in enumerate(objs):
             for j, d in enumerate(det):
                 dist = math.hypot(o.centre[0] - d.centre[0], o.centre[1] - d.centre[1])
-                cost[i, j] = -(4 * (o.colour == d.colour) + 2 * (o.shape == d.shape) + (o.size == d.size)) + 0.1 * dist
+                agree = 4 * (o.colour == d.colour) + 2 * (o.shape == d.shape) + (o.size == d.size)
+                cost[i, j] = 0.1 * dist - agree
         rows, cols = linear_sum_assignment(cost)
         match = {int(r): det[int(c)] for r, c in zip(rows, cols)}
     n = max(len(objs), 1)
-    per = {a: sum(1 for i, o in enumerate(objs) if i in match and getattr(match[i], a) == getattr(o, a)) / n
-           for a in ("colour", "shape", "size")}  # fmt: skip
+    per = {
+        a: sum(1 for i, o in enumerate(objs) if i in match and getattr(match[i], a) == getattr(o, a)) / n
+        for a in ("colour", "shape", "size")
+    }
     whole = sum(
         1 for i, o in enumerate(objs)
         if i in match and (match[i].colour, match[i].shape, match[i].size) == (o.colour, o.shape, o.size)
     ) / n  # fmt: skip
-    rel_ok = [i in match and j in match and _holds(r, match[i].centre, match[j].centre) for i, r, j in scene.relations]
+    rel_ok = [
+        i in match and j in match and _holds(r, match[i].centre, match[j].centre) for i, r, j in scene.relations
+    ]
     relation = sum(rel_ok) / len(rel_ok) if rel_ok else 1.0
     count = len(det) == len(objs)
     return {
