@@ -172,6 +172,7 @@ class MMDiTConfig:
 
     @property
     def head_dim(self) -> int:
+        """Channels per attention head, ``hidden_size / num_heads``."""
         return self.hidden_size // self.num_heads
 
 
@@ -276,6 +277,7 @@ def joint_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
 
 
 def _heads(x: torch.Tensor, qkv: nn.Linear, num_heads: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``x [B, N, D]`` through a fused ``qkv`` projection: ``q, k, v [B, H, N, Dh]``."""
     B, N, _ = x.shape
     return qkv(x).view(B, N, 3, num_heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
 
@@ -678,7 +680,9 @@ class MMDiT(nn.Module):
         return (cfg.depth * double + cfg.single_depth * single) / (cfg.depth + cfg.single_depth)
 
     def param_count(self, trainable_only: bool = True) -> int:
+        """Number of parameters (trainable only by default)."""
         return sum(p.numel() for p in self.parameters() if p.requires_grad or not trainable_only)
 
     def config_dict(self) -> dict:
+        """The ``MMDiTConfig`` as a plain dict (saved with checkpoints)."""
         return asdict(self.config)
