@@ -1,8 +1,11 @@
-"""Models: the DiT, its layers, swappable attention processors, the registry, and frozen text encoders."""
+"""Models: the DiT, the MMDiT (SD3 / FLUX-style), their layers, swappable attention processors, the registry,
+and frozen text encoders."""
 
 from .attention import Attention, MathProcessor, SDPAProcessor
 from .dit import DiT, DiTBlock, DiTConfig
-from .registry import MODEL_CONFIGS, build_model, model_config
+from .mmdit import MMDiT, MMDiTConfig, text_condition
+from .mmdit_configs import MMDIT_CONFIGS
+from .registry import MODEL_CONFIGS, build_model, model_config, model_names
 from .text_encoder import (
     HashEncoder, HFEncoder, MiniLMEncoder, TextCondition, TextEncoder, build_text_encoder, encode_cached,
 )
@@ -14,6 +17,9 @@ __all__ = [
     "DiTConfig",
     "HFEncoder",
     "HashEncoder",
+    "MMDIT_CONFIGS",
+    "MMDiT",
+    "MMDiTConfig",
     "MODEL_CONFIGS",
     "MathProcessor",
     "MiniLMEncoder",
@@ -24,4 +30,6 @@ __all__ = [
     "build_text_encoder",
     "encode_cached",
     "model_config",
+    "model_names",
+    "text_condition",
 ]

@@ -4,14 +4,22 @@ Paper sizes from DiT (Peebles & Xie 2023, table 1): S, B, L, XL with patch 2, 4 
 (``DiT-XL/2`` etc.), plus small configurations sized for the embedded digits (8x8) and
 MNIST (28x28) and a tiny one for tests. The architecture comes from the name; the input
 shape and the number of classes come from the data and are passed in.
+
+Text-conditioned MMDiTs (SD3, FLUX-style; ``flowdit.models.mmdit``) are registered in
+``mmdit_configs.MMDIT_CONFIGS`` and built by the same ``build_model``; their entries carry
+their own input size and channels (an argument replaces them) and take no class count.
+``MODEL_CONFIGS`` lists the DiTs, ``MMDIT_CONFIGS`` the MMDiTs, ``model_names()`` both.
 """
 
 from __future__ import annotations
 
 from dataclasses import fields, replace
+from typing import Optional, Union
 
 from ..errors import ConfigError
 from .dit import DiT, DiTConfig
+from .mmdit import MMDiT, MMDiTConfig
+from .mmdit_configs import MMDIT_CONFIGS
 
 _SIZES = {
     "S": dict(depth=12, hidden_size=384, num_heads=6),
@@ -41,23 +49,49 @@ MODEL_CONFIGS.update(
 )
 
 
-def model_config(name: str, input_size: int, in_channels: int, num_classes: int, **overrides) -> DiTConfig:
-    """The ``DiTConfig`` of a registry entry for a given input shape and class count.
+def model_names() -> list[str]:
+    """Every registered name: the DiTs, then the MMDiTs."""
+    return [*MODEL_CONFIGS, *MMDIT_CONFIGS]
 
-    ``overrides`` replace architecture fields (e.g. ``depth=4``, ``qk_norm=True``).
-    """
-    if name not in MODEL_CONFIGS:
-        raise ConfigError(f"unknown model {name!r}; known models: {', '.join(MODEL_CONFIGS)}")
-    valid = {f.name for f in fields(DiTConfig)}
+
+def _check_overrides(cls, overrides: dict) -> None:
+    valid = {f.name for f in fields(cls)}
     bad = sorted(set(overrides) - valid)
     if bad:
         raise ConfigError(f"unknown model option(s) {bad}; valid: {sorted(valid)}")
+
+
+def model_config(name: str, input_size: Optional[int] = None, in_channels: Optional[int] = None,
+                 num_classes: Optional[int] = None, **overrides) -> Union[DiTConfig, MMDiTConfig]:
+    """The config of a registry entry for a given input shape (and, for a DiT, class count).
+
+    ``overrides`` replace architecture fields (e.g. ``depth=4``, ``qk_norm=True``). A DiT
+    needs ``input_size``, ``in_channels`` and ``num_classes``; an MMDiT keeps its entry's
+    ``input_size`` / ``in_channels`` where they are ``None`` and ignores ``num_classes``.
+    """
+    if name in MMDIT_CONFIGS:
+        _check_overrides(MMDiTConfig, overrides)
+        arch = dict(MMDIT_CONFIGS[name])
+        arch.update({k: v for k, v in (("input_size", input_size), ("in_channels", in_channels)) if v is not None})
+        cfg = replace(MMDiTConfig(**arch), **{k: v for k, v in overrides.items() if v is not None})
+        cfg.validate()
+        return cfg
+    if name not in MODEL_CONFIGS:
+        raise ConfigError(f"unknown model {name!r}; known models: {', '.join(model_names())}")
+    _check_overrides(DiTConfig, overrides)
+    missing = [k for k, v in (("input_size", input_size), ("in_channels", in_channels),
+                              ("num_classes", num_classes)) if v is None]
+    if missing:
+        raise ConfigError(f"model {name!r} needs {', '.join(missing)}")
     cfg = DiTConfig(input_size=input_size, in_channels=in_channels, num_classes=num_classes, **MODEL_CONFIGS[name])
     cfg = replace(cfg, **{k: v for k, v in overrides.items() if v is not None})
     cfg.validate()
     return cfg
 
 
-def build_model(name: str, input_size: int, in_channels: int, num_classes: int, **overrides) -> DiT:
-    """Build a registry model, e.g. ``build_model("DiT-S/2", 32, 4, 1000)``."""
-    return DiT(model_config(name, input_size, in_channels, num_classes, **overrides))
+def build_model(name: str, input_size: Optional[int] = None, in_channels: Optional[int] = None,
+                num_classes: Optional[int] = None, **overrides) -> Union[DiT, MMDiT]:
+    """Build a registry model, e.g. ``build_model("DiT-S/2", 32, 4, 1000)`` or
+    ``build_model("SD3-medium")`` (on the meta device: ``with torch.device("meta"): ...``)."""
+    cfg = model_config(name, input_size, in_channels, num_classes, **overrides)
+    return MMDiT(cfg) if isinstance(cfg, MMDiTConfig) else DiT(cfg)
