@@ -293,7 +293,10 @@ MODEL_CAPABILITIES = {
     "attention_processors": "swappable flowdit attention processors (block.attn.processor)",
 }
 """Capabilities a policy may ``require``. flowdit's DiT has all of them; a model adapter
-declares the ones it offers in ``capabilities``."""
+declares the ones it offers in ``capabilities``. For ``block_branches``,
+``block.forward_branches(tokens, c, ctx, attn_out=None, mlp_out=None)`` returns ``(out, a,
+m)`` (``m`` may be ``None`` for a block with one gated branch) and ``block.gates(c)``
+returns ``(g_a, g_m)``, each ``[B, D]`` or per token ``[B, N, D]`` (``gated_add_``)."""
 
 
 def check_policy(model: Any, policy: Any) -> None:
