@@ -3,8 +3,8 @@
 Two parts, both on random-weight models built from their constructors (no weights can be
 downloaded here):
 
-1. *Exactness* on the tiny test models: every stack-level cache at its full-compute
-   setting against the uncached bridge (max |difference| of the final latent), with the
+1. *Exactness* on the tiny test models: every stack-level cache and the per-block FORA
+   and TaylorSeer at their full-compute settings against the uncached bridge (max |difference| of the final latent), with the
    model calls and block evaluations it spent.
 2. *Wall-clock* on mid-size models (where the tiny ones would time Python overhead only):
    each cache at a skipping setting against the uncached bridge, all timed in turns within
@@ -35,10 +35,25 @@ from flowdit.sampling.guidance import cfg_velocity
 from flowdit.sampling.sample import sample
 
 EXACT = ["none", "fora:interval=1,cache=stack", "taylorseer:interval=1,order=2,cache=stack",
-         "gated_taylor:threshold=0", "fbcache:threshold=0", "teacache:threshold=0", "delta_dit:interval=1,blocks=1"]
-TIMED = ["fora:interval=3,cache=stack", "taylorseer:interval=4,order=1,cache=stack",
+         "gated_taylor:threshold=0", "fbcache:threshold=0", "teacache:threshold=0", "delta_dit:interval=1,blocks=1",
+         "fora:interval=1", "taylorseer:interval=1"]
+# Per-block FORA and TaylorSeer at their defaults (cache=blocks: FORA interval 3;
+# TaylorSeer interval 4, order 4, warm-up 2) next to the stack-level caches.
+TIMED = ["fora:interval=3", "taylorseer", "fora:interval=3,cache=stack", "taylorseer:interval=4,order=1,cache=stack",
          "taylorseer:interval=5,order=1,cache=stack,spaced=1", "gated_taylor:threshold=0.05",
          "fbcache:threshold=0.08", "teacache:threshold=0.1", "delta_dit:interval=2"]
+
+
+def cpu_name() -> str:
+    """The CPU's model name (``/proc/cpuinfo``, as ``lscpu`` shows it), else the platform's."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return f"{line.split(':', 1)[1].strip()} ({platform.machine()})"
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def build(family: str, size: str):
@@ -104,7 +119,7 @@ def main(argv=None):
     import diffusers
 
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
-    machine = (f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
+    machine = (f"{cpu_name()}, {os.cpu_count()} cores, torch {torch.__version__}, "
                f"diffusers {diffusers.__version__}, threads {torch.get_num_threads()}, "
                f"load average at start {os.getloadavg()[0]:.2f}, commit {commit}")
     rows = []

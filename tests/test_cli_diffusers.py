@@ -255,7 +255,7 @@ REFUSALS = [
     (F + ["--negative-prompt", "blur"] + OUT, "--negative-prompt"),  # FLUX default cfg 1: no CFG
     (D + ["--solver", "dopri5"] + OUT, "--solver"),
     (D + ["--solver", "bogus"] + OUT, "--solver"),
-    (D + ["--accel", "fora"] + OUT, "--accel"),
+    (D + ["--accel", "ras"] + OUT, "--accel"),
     (D + ["--accel", "bogus"] + OUT, "--accel"),
     (D + ["--out", "{root}/afile"], "--out"),
     (D + ["--steps", "0"] + OUT, "--steps"),

@@ -18,7 +18,8 @@ import torch
 from flowdit.errors import ConfigError
 from flowdit.sampling.context import CFG_MODES, StepContext
 
-__all__ = ["BlockPolicyBase", "PolicyStats", "block_flops", "check_policy", "full_compute", "MODEL_CAPABILITIES"]
+__all__ = ["BlockPolicyBase", "PolicyStats", "block_flops", "check_policy", "full_compute", "gated_add_",
+           "modulation_flops", "replay_gated", "MODEL_CAPABILITIES"]
 
 
 def block_flops(model: Any, n_query: int, n_key: int | None = None) -> float:
@@ -55,6 +56,46 @@ class PolicyStats:
     full_calls: int = 0
     block_evals: float = 0.0
     flops: float = 0.0
+
+
+def modulation_flops(model: Any) -> float:
+    """FLOPs (2 per MAC) of one block's adaLN modulation vectors for one batch row: the
+    model's own count (``model.modulation_flops()``, a diffusers adapter) or DiT's
+    ``12 D^2`` (one ``D -> 6D`` layer)."""
+    own = getattr(model, "modulation_flops", None)
+    if callable(own):
+        return float(own())
+    d = model.config.hidden_size
+    return 12.0 * d * d
+
+
+def gated_add_(out: torch.Tensor, gate: torch.Tensor | None, branch: torch.Tensor | None) -> torch.Tensor:
+    """``out += gate * branch`` in place, ``out`` and ``branch`` ``[B, N, D]``.
+
+    ``gate`` is ``[B, D]`` (one gate for every token: flowdit's DiT), broadcast over the
+    tokens, or ``[B, N, D]`` (per token: the joint blocks of SD3 / FLUX, whose text and
+    image rows have separate gates). A ``None`` branch (a block with a single gated
+    branch) adds nothing.
+    """
+    if branch is None:
+        return out
+    return out.addcmul_(gate.unsqueeze(1) if gate.dim() == 2 else gate, branch)
+
+
+def replay_gated(blocks: Any, tokens: torch.Tensor, c_act: torch.Tensor,
+                 branches: list[tuple[torch.Tensor, torch.Tensor | None]]) -> torch.Tensor:
+    """``x_{i+1} = x_i + g_a^i(c) a_i + g_m^i(c) m_i`` over ``blocks`` from ``x_0 = tokens
+    [B, N, D]``, with each block's current gates ``block.gates(c_act)`` (``gated_add_``)
+    and the supplied pre-gate branch outputs ``branches[i] = (a_i, m_i)``; accumulated in
+    fp32 and returned in ``tokens.dtype``."""
+    # Only the stack's output is read on a cached call, so the gated sums can be
+    # accumulated in place into one fp32 copy of the residual stream (two fused
+    # multiply-adds a block instead of four element-wise passes with temporaries).
+    out = tokens.float().clone()
+    for block, (a, m) in zip(blocks, branches):
+        g_a, g_m = block.gates(c_act)
+        gated_add_(gated_add_(out, g_a, a), g_m, m)
+    return out.to(tokens.dtype)
 
 
 def full_compute(model: Any, tokens: torch.Tensor, c_act: torch.Tensor, ctx: Any, start: int = 0,
@@ -154,7 +195,8 @@ class BlockPolicyBase:
                             ctx: Any) -> tuple[torch.Tensor, list[tuple[torch.Tensor, torch.Tensor]]]:
         """Run every block on all tokens and return, with the output, each block's attention
         and MLP outputs *before* their adaLN gates: ``[(a_0, m_0), ..., (a_{L-1}, m_{L-1})]``,
-        each ``[B, N, D]`` (see ``DiTBlock.forward_branches``)."""
+        each ``[B, N, D]`` (see ``DiTBlock.forward_branches``; ``m_i`` is ``None`` for a
+        block with one gated branch, FLUX's single-stream block)."""
         branches = []
         for block in model.blocks:
             tokens, a, m = block.forward_branches(tokens, c_act, ctx)
@@ -165,21 +207,15 @@ class BlockPolicyBase:
         return tokens, branches
 
     def replay_blocks(self, model: Any, tokens: torch.Tensor, c_act: torch.Tensor, ctx: Any,
-                      branches: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+                      branches: list[tuple[torch.Tensor, torch.Tensor | None]]) -> torch.Tensor:
         """A cached call of the whole stack: block ``i`` adds the supplied pre-gate outputs
         ``(a_i, m_i)`` multiplied by the *current* call's gates, ``x += g_a(c) a_i`` then
-        ``x += g_m(c) m_i``. Only the modulation vectors are computed (``12 D^2`` FLOPs a
-        block and row), so no block evaluation is counted."""
-        # Only the stack's output is read on a cached call, so the gated sums can be
-        # accumulated in place into one fp32 copy of the residual stream (two fused
-        # multiply-adds a block instead of four element-wise passes with temporaries).
-        out = tokens.float().clone()
-        for block, (a, m) in zip(model.blocks, branches):
-            g_a, g_m = block.gates(c_act)
-            out.addcmul_(g_a.unsqueeze(1), a).addcmul_(g_m.unsqueeze(1), m)
-        d = model.config.hidden_size
-        self.stats.flops += 12.0 * d * d * len(model.blocks) * tokens.shape[0]
-        return out.to(tokens.dtype)
+        ``x += g_m(c) m_i`` (``replay_gated``: gates ``[B, D]`` or per token ``[B, N, D]``;
+        a block with one branch has ``m_i = None``). Only the modulation vectors are
+        computed (``modulation_flops`` a block and row), so no block evaluation is counted."""
+        out = replay_gated(model.blocks, tokens, c_act, branches)
+        self.stats.flops += modulation_flops(model) * len(model.blocks) * tokens.shape[0]
+        return out
 
     def run(self, model: Any, tokens: torch.Tensor, c_act: torch.Tensor, ctx: Any) -> torch.Tensor:
         """Run the block stack for one model call: ``tokens [B, N, D] -> [B, N, D]``."""
@@ -257,7 +293,10 @@ MODEL_CAPABILITIES = {
     "attention_processors": "swappable flowdit attention processors (block.attn.processor)",
 }
 """Capabilities a policy may ``require``. flowdit's DiT has all of them; a model adapter
-declares the ones it offers in ``capabilities``."""
+declares the ones it offers in ``capabilities``. For ``block_branches``,
+``block.forward_branches(tokens, c, ctx, attn_out=None, mlp_out=None)`` returns ``(out, a,
+m)`` (``m`` may be ``None`` for a block with one gated branch) and ``block.gates(c)``
+returns ``(g_a, g_m)``, each ``[B, D]`` or per token ``[B, N, D]`` (``gated_add_``)."""
 
 
 def check_policy(model: Any, policy: Any) -> None:

@@ -19,7 +19,7 @@ Reuses here: ``ResidualReuse`` (the residual ``out - h`` of the blocks it covers
 current gates: FORA), ``TaylorReuse`` (a Taylor forecast of the stack output, its
 residual, or the per-block branch outputs: TaylorSeer, CG-Taylor) and ``DeltaReuse``
 (Delta-DiT's delta of a front or rear block range). State keys: ``residual``,
-``branches``, ``forecaster``, ``front_delta`` / ``rear_delta`` (``REUSE_KEYS``); a gate
+``branches``, ``forecaster`` (with ``layout``), ``front_delta`` / ``rear_delta`` (``REUSE_KEYS``); a gate
 uses other keys.
 """
 
@@ -33,7 +33,7 @@ import torch
 
 from flowdit.errors import ConfigError
 
-from .base import CACHE_TARGETS, _flag, _in_range, block_flops
+from .base import CACHE_TARGETS, _flag, _in_range, block_flops, modulation_flops, replay_gated
 from .forecast import FORMS, build_forecaster
 from .gates import FEATURES, Check, _nonneg_int, _one_of, _pos_int
 
@@ -42,9 +42,9 @@ if TYPE_CHECKING:
     from .cache import Call
 
 __all__ = ["Reuse", "ResidualReuse", "BlockReuse", "TaylorReuse", "DeltaReuse", "REUSES", "REUSE_KEYS",
-           "run_branches_from", "replay_branches_from"]
+           "run_branches_from", "replay_branches_from", "flatten_branches", "unflatten_branches"]
 
-REUSE_KEYS = ("residual", "branches", "forecaster", "front_delta", "rear_delta")
+REUSE_KEYS = ("residual", "branches", "forecaster", "layout", "front_delta", "rear_delta")
 
 
 class Reuse:
@@ -101,13 +101,25 @@ def replay_branches_from(policy: "BlockPolicyBase", model: Any, tokens: torch.Te
     with the current call's gates, from ``tokens [B, N, D]`` (the output of block ``start - 1``)."""
     if start == 0:
         return policy.replay_blocks(model, tokens, c_act, ctx, branches)
-    out = tokens.float().clone()
-    for block, (a, m) in zip(islice(model.blocks, start, None), branches):
-        g_a, g_m = block.gates(c_act)
-        out.addcmul_(g_a.unsqueeze(1), a).addcmul_(g_m.unsqueeze(1), m)
-    d = model.config.hidden_size
-    policy.stats.flops += 12.0 * d * d * (len(model.blocks) - start) * tokens.shape[0]
-    return out.to(tokens.dtype)
+    out = replay_gated(islice(model.blocks, start, None), tokens, c_act, branches)
+    policy.stats.flops += modulation_flops(model) * (len(model.blocks) - start) * tokens.shape[0]
+    return out
+
+
+def flatten_branches(branches: list[tuple[torch.Tensor, torch.Tensor | None]]) -> tuple[list[torch.Tensor],
+                                                                                        tuple[bool, ...]]:
+    """The branch tensors in block order, ``a_0, m_0, a_1, ...`` (``[B, N, D]`` each), with
+    the layout ``has_m[i]`` (``False`` where block ``i`` has one branch, ``m_i = None``)."""
+    return [f for pair in branches for f in pair if f is not None], tuple(m is not None for _, m in branches)
+
+
+def unflatten_branches(features: Any, layout: tuple[bool, ...]) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
+    """Inverse of ``flatten_branches``: ``[(a_i, m_i or None)]`` from the flat sequence."""
+    it, out = iter(features), []
+    for has_m in layout:
+        a = next(it)
+        out.append((a, next(it) if has_m else None))
+    return out
 
 
 class ResidualReuse(Reuse):
@@ -135,7 +147,8 @@ class BlockReuse(Reuse):
     """FORA's per-block reuse: full calls keep every covered block's attention and MLP
     outputs *before* their adaLN gates (``[(a_i, m_i)]``, ``[B, N, D]`` each); skipped
     calls add them back multiplied by the *current* call's gates
-    (``BlockPolicyBase.replay_blocks``), computing only the modulation vectors."""
+    (``BlockPolicyBase.replay_blocks``: gates ``[B, D]`` or per token ``[B, N, D]``; a
+    single-branch block keeps ``m_i = None``), computing only the modulation vectors."""
 
     name = "blocks"
     requires = frozenset({"block_branches"})
@@ -157,8 +170,9 @@ class TaylorReuse(Reuse):
     """A Taylor forecast about the last full call, abscissa the model-call index.
 
     ``cache="blocks"``: every covered block's pre-gate attention and MLP outputs, stacked
-    into one fp32 tensor ``[2 (L - start), B, N, D]`` (``a_0, m_0, a_1, ...``) so one
-    forecaster serves all of them; a skipped call replays the forecast under the current
+    into one fp32 tensor ``[F, B, N, D]`` (``a_0, m_0, a_1, ...``; ``F = 2 (L - start)``
+    less one per single-branch block, see ``flatten_branches``) so one forecaster serves
+    all of them; a skipped call replays the forecast under the current
     gates (TaylorSeer). ``cache="stack"``: one ``[B, N, D]`` feature of the whole stack,
     the output ``h_L`` (``feature="output"``, returned as is) or the residual ``h_L - x``
     against the stack input (``"residual"``, added to the current input). On a skipped
@@ -204,7 +218,8 @@ class TaylorReuse(Reuse):
             out, branches = run_branches_from(call.policy, call.model, call.hidden, call.c_act, call.ctx, call.start)
             # Differences are taken in fp32: under bf16 autocast the branch outputs are
             # bf16, whose 8-bit mantissa would swamp the small changes between calls.
-            feature = torch.stack([f for pair in branches for f in pair]).float()
+            flat, st["layout"] = flatten_branches(branches)
+            feature = torch.stack(flat).float()
         fc = st.get("forecaster")
         if fc is None or s < self.restart_before:
             fc = st["forecaster"] = self.forecaster(self.order)
@@ -216,9 +231,9 @@ class TaylorReuse(Reuse):
         if self.cache == "stack":
             pred = fc.predict(call.step)
             return call.tokens + pred if self.feature == "residual" else pred
-        predicted = fc.predict(call.step).unbind(0)
-        return replay_branches_from(call.policy, call.model, call.hidden, call.c_act, call.ctx,
-                                    list(zip(predicted[0::2], predicted[1::2])), call.start)
+        predicted = unflatten_branches(fc.predict(call.step).unbind(0), st["layout"])
+        return replay_branches_from(call.policy, call.model, call.hidden, call.c_act, call.ctx, predicted,
+                                    call.start)
 
 
 class DeltaReuse(Reuse):

@@ -17,10 +17,13 @@ The adapter is the one place that knows these models' internals. With a block po
 ``ctx`` (flowdit's caches), the two token streams are joined into one sequence
 ``[txt; img]`` of ``[B, L + N, D]`` and each joint or single-stream block becomes a callable
 ``block(tokens, temb, ctx)``, so every stack-level policy (FORA and TaylorSeer with
-``cache=stack``, FBCache, TeaCache, confidence-gated Taylor, Delta-DiT) runs unchanged;
-per-block pre-gate caches and token-level policies are refused by name
-(``flowdit.accel.base.check_policy``). Without a policy the blocks run exactly as diffusers
-runs them.
+``cache=stack``, FBCache, TeaCache, confidence-gated Taylor, Delta-DiT) runs unchanged.
+Each block also re-states diffusers' forward with its branch outputs exposed before their
+adaLN gates (``forward_branches``, ``gates``: joint blocks with per-token gates, text rows
+the context stream's; FLUX's single-stream block with one fused branch), so the per-block
+caches (FORA and TaylorSeer with ``cache=blocks``) run as their authors' code does;
+token-level policies are refused by name (``flowdit.accel.base.check_policy``). Without a
+policy the blocks run exactly as diffusers runs them.
 
 ``scheduler_grid`` reads flowdit's time grid from the pipeline's own scheduler (SD3's
 static shift, FLUX's resolution-dependent ``mu``), and ``DiffusersBridge`` loads a local
@@ -95,6 +98,7 @@ class _Call:
     """What every block of the current model call shares (set by the adapter's forward)."""
 
     n_txt: int = 0
+    n_img: int = 0
     rotary: Any = None
     ctx: Optional[StepContext] = None
 
@@ -111,21 +115,165 @@ class _StackBlock:
     def __init__(self, block: nn.Module, call: _Call, rotary: bool):
         self.block, self._call, self._rotary = block, call, rotary
 
+    def _attn_kwargs(self) -> dict:
+        return {"image_rotary_emb": self._call.rotary} if self._rotary else {}
+
     def __call__(self, tokens: Tensor, temb: Tensor, ctx: Optional[StepContext] = None) -> Tensor:
         n = self._call.n_txt
         txt, img = tokens[:, :n].contiguous(), tokens[:, n:].contiguous()
-        kw = {"image_rotary_emb": self._call.rotary} if self._rotary else {}
-        txt_out, img_out = self.block(hidden_states=img, encoder_hidden_states=txt, temb=temb, **kw)
+        txt_out, img_out = self.block(hidden_states=img, encoder_hidden_states=txt, temb=temb, **self._attn_kwargs())
         return torch.cat([txt if txt_out is None else txt_out, img_out], dim=1)
+
+
+def _rows(txt_rows: Tensor, img_rows: Tensor, n_txt: int, n_img: int) -> Tensor:
+    """A per-token tensor ``[B, L + N, D]`` over the joined sequence from a text-stream and
+    an image-stream vector ``[B, D]`` each (text rows first)."""
+    b, d = img_rows.shape
+    return torch.cat([txt_rows.unsqueeze(1).expand(b, n_txt, d), img_rows.unsqueeze(1).expand(b, n_img, d)], dim=1)
+
+
+class _JointBlock(_StackBlock):
+    """SD3's ``JointTransformerBlock`` or FLUX's ``FluxTransformerBlock`` with its branch
+    outputs exposed before their adaLN gates (flowdit's ``block_branches``).
+
+    Per stream ``s`` (text ``c``, image ``x``): ``s' = s + g_a^s A^s``, then
+    ``s'' = s' + g_m^s MLP^s((1 + scale^s) LN(s') + shift^s)``, where ``(A^x, A^c)`` is the
+    joint attention of the two modulated streams. Over the joined sequence the branch
+    outputs are ``a = [A^c; A^x]`` and ``m = [MLP^c; MLP^x]`` (``[B, L + N, D]``) and the
+    gates are per token: text rows carry the context gates, image rows the image gates.
+    SD3's last block (``context_pre_only``) has no text update: its text rows of ``a``,
+    ``m`` and both gates are zero, so the text tokens pass through (they are not read
+    afterwards). SD3.5's dual attention (``use_dual_attention``, a third gated branch
+    ``attn2``) is not re-stated; such a model does not offer ``block_branches``.
+    """
+
+    def _check(self) -> None:
+        if getattr(self.block, "use_dual_attention", False):
+            raise ConfigError("per-block caches do not support SD3.5's dual-attention blocks (use cache=stack)")
+
+    def _norms(self, txt: Tensor, img: Tensor, temb: Tensor):
+        b = self.block
+        norm_img, gate_msa, shift_mlp, scale_mlp, gate_mlp = b.norm1(img, emb=temb)
+        if getattr(b, "context_pre_only", False):
+            return norm_img, (gate_msa, shift_mlp, scale_mlp, gate_mlp), b.norm1_context(txt, temb), None
+        norm_txt, *ctx_mods = b.norm1_context(txt, emb=temb)
+        return norm_img, (gate_msa, shift_mlp, scale_mlp, gate_mlp), norm_txt, tuple(ctx_mods)
+
+    def _ff(self, ff: nn.Module, h: Tensor) -> Tensor:
+        chunk = getattr(self.block, "_chunk_size", None)
+        if chunk is not None:
+            from diffusers.models.attention import _chunked_feed_forward
+
+            return _chunked_feed_forward(ff, h, self.block._chunk_dim, chunk)
+        return ff(h)
+
+    def gates(self, temb: Tensor) -> tuple[Tensor, Tensor]:
+        """The current call's gates ``(g_a, g_m)``, each per token ``[B, L + N, D]`` (text
+        rows the context stream's ``c_gate_msa`` / ``c_gate_mlp``, image rows ``gate_msa``
+        / ``gate_mlp``; zero text rows for a ``context_pre_only`` block), from the
+        ``AdaLayerNormZero`` chunks ``(shift_msa, scale_msa, gate_msa, shift_mlp,
+        scale_mlp, gate_mlp)`` of ``temb [B, D]``."""
+        self._check()
+        b, n_txt, n_img = self.block, self._call.n_txt, self._call.n_img
+        img = b.norm1.linear(b.norm1.silu(temb)).chunk(6, dim=1)
+        if getattr(b, "context_pre_only", False):
+            zero = torch.zeros_like(img[2])
+            return _rows(zero, img[2], n_txt, n_img), _rows(zero, img[5], n_txt, n_img)
+        txt = b.norm1_context.linear(b.norm1_context.silu(temb)).chunk(6, dim=1)
+        return _rows(txt[2], img[2], n_txt, n_img), _rows(txt[5], img[5], n_txt, n_img)
+
+    def forward_branches(self, tokens: Tensor, temb: Tensor, ctx: Optional[StepContext] = None,
+                         attn_out: Optional[Tensor] = None,
+                         mlp_out: Optional[Tensor] = None) -> tuple[Tensor, Tensor, Tensor]:
+        """``tokens [B, L + N, D] -> (tokens_out, a, m)``, all ``[B, L + N, D]``: the block
+        as diffusers computes it (the same operations in the same order on each stream),
+        with ``a`` and ``m`` the pre-gate attention and MLP outputs of both streams. A
+        given ``attn_out`` / ``mlp_out`` replaces that branch (it is not computed); the
+        gates always come from the current ``temb``."""
+        self._check()
+        b, n = self.block, self._call.n_txt
+        txt, img = tokens[:, :n].contiguous(), tokens[:, n:].contiguous()
+        norm_img, (gate_msa, shift_mlp, scale_mlp, gate_mlp), norm_txt, ctx_mods = self._norms(txt, img, temb)
+        if attn_out is None:
+            outs = b.attn(hidden_states=norm_img, encoder_hidden_states=norm_txt, **self._attn_kwargs())
+            a_img, a_txt = outs[0], outs[1]
+            if ctx_mods is None:
+                a_txt = torch.zeros_like(txt)
+        else:
+            a_txt, a_img = attn_out[:, :n], attn_out[:, n:]
+        img = img + gate_msa.unsqueeze(1) * a_img
+        if mlp_out is None:
+            h = b.norm2(img)
+            m_img = self._ff(b.ff, h * (1 + scale_mlp[:, None]) + shift_mlp[:, None])
+        else:
+            m_img = mlp_out[:, n:]
+        img = img + gate_mlp.unsqueeze(1) * m_img
+        if ctx_mods is None:
+            m_txt = torch.zeros_like(txt) if mlp_out is None else mlp_out[:, :n]
+        else:
+            c_gate_msa, c_shift_mlp, c_scale_mlp, c_gate_mlp = ctx_mods
+            txt = txt + c_gate_msa.unsqueeze(1) * a_txt
+            if mlp_out is None:
+                h = b.norm2_context(txt)
+                m_txt = self._ff(b.ff_context, h * (1 + c_scale_mlp[:, None]) + c_shift_mlp[:, None])
+            else:
+                m_txt = mlp_out[:, :n]
+            txt = txt + c_gate_mlp.unsqueeze(1) * m_txt
+            # FLUX clips the text stream in fp16 (SD3 does not).
+            if self._rotary and txt.dtype == torch.float16:
+                txt = txt.clip(-65504, 65504)
+        out = torch.cat([txt, img], dim=1)
+        a = attn_out if attn_out is not None else torch.cat([a_txt, a_img], dim=1)
+        m = mlp_out if mlp_out is not None else torch.cat([m_txt, m_img], dim=1)
+        return out, a, m
+
+
+class _SingleBlock(_StackBlock):
+    """FLUX's ``FluxSingleTransformerBlock`` with its one gated branch exposed.
+
+    On the joined sequence ``x [B, L + N, D]``: ``x' = x + g a`` with
+    ``a = proj_out([Attn(h); GELU(proj_mlp(h))])``, ``h = (1 + scale) LN(x) + shift``; the
+    attention and MLP share one output projection and one gate, so the block has a single
+    branch and ``m`` is ``None`` (as TaylorSeer-FLUX caches one fused feature per
+    single-stream block).
+    """
+
+    def gates(self, temb: Tensor) -> tuple[Tensor, None]:
+        """``(g, None)``: the block's one gate ``[B, D]`` (the third of the
+        ``AdaLayerNormZeroSingle`` chunks ``(shift, scale, gate)`` of ``temb [B, D]``)."""
+        norm = self.block.norm
+        return norm.linear(norm.silu(temb)).chunk(3, dim=1)[2], None
+
+    def forward_branches(self, tokens: Tensor, temb: Tensor, ctx: Optional[StepContext] = None,
+                         attn_out: Optional[Tensor] = None,
+                         mlp_out: Optional[Tensor] = None) -> tuple[Tensor, Tensor, None]:
+        """``tokens [B, L + N, D] -> (tokens_out, a, None)``: diffusers' single-stream block
+        (the fp16 clip included) with ``a [B, L + N, D]`` its pre-gate fused output. A given
+        ``attn_out`` replaces ``a``; ``mlp_out`` must be ``None``."""
+        if mlp_out is not None:
+            raise ValueError("a single-stream block has one branch; mlp_out must be None")
+        b = self.block
+        norm, gate = b.norm(tokens, emb=temb)
+        if attn_out is None:
+            mlp = b.act_mlp(b.proj_mlp(norm))
+            attn = b.attn(hidden_states=norm, **self._attn_kwargs())
+            attn_out = b.proj_out(torch.cat([attn, mlp], dim=2))
+        out = tokens + gate.unsqueeze(1) * attn_out
+        if out.dtype == torch.float16:
+            out = out.clip(-65504, 65504)
+        return out, attn_out, None
 
 
 class DiffusersTransformer(nn.Module):
     """Common part of the SD3 and FLUX adapters (see the module docstring).
 
-    ``capabilities`` lists what flowdit's policies may rely on: only the block stack.
+    ``capabilities`` lists what flowdit's policies may rely on beyond the block stack:
+    ``block_branches`` (each block's pre-gate branch outputs, ``forward_branches`` and
+    ``gates`` on the joined sequence, with per-token gates ``[B, L + N, D]`` for the joint
+    blocks). A model with SD3.5's dual-attention blocks does not offer it.
     """
 
-    capabilities = frozenset()
+    capabilities = frozenset({"block_branches"})
     family = "diffusers"
 
     def __init__(self, transformer: nn.Module):
@@ -209,6 +357,7 @@ class DiffusersTransformer(nn.Module):
                     txt, img = block(hidden_states=img, encoder_hidden_states=txt, temb=temb, **kw)
             else:
                 check_policy(self, policy)
+                self._call.n_img = img.shape[1]
                 tokens = policy.run(self, torch.cat([txt, img], dim=1), temb, ctx)
                 img = tokens[:, txt.shape[1]:]
         finally:
@@ -231,6 +380,20 @@ class DiffusersTransformer(nn.Module):
         n_key = n_query if n_key is None else n_key
         return 8.0 * n_query * d * d + 4.0 * n_query * n_key * d + 16.0 * n_query * d * d + 12.0 * d * d
 
+    def modulation_flops(self) -> float:
+        """Multiply-add FLOPs (2 per MAC) of the adaLN gate vectors of one block for one
+        batch row, averaged over the blocks: what a cached call of a per-block cache
+        computes. A joint block has two modulation layers ``D -> 6D`` (``24 D^2``; SD3's
+        ``context_pre_only`` block ``D -> 6D`` and ``D -> 2D``, ``16 D^2``), a single-stream
+        block one ``D -> 3D`` (``6 D^2``)."""
+        d, total, blocks = self.hidden_size, 0.0, self.raw_blocks()
+        for b in blocks:
+            if hasattr(b, "norm1_context"):
+                total += (16.0 if getattr(b, "context_pre_only", False) else 24.0) * d * d
+            else:
+                total += 6.0 * d * d
+        return total / max(len(blocks), 1)
+
     @property
     def config(self):
         return self.transformer.config
@@ -243,7 +406,9 @@ class SD3Transformer(DiffusersTransformer):
 
     def __init__(self, transformer: nn.Module):
         super().__init__(transformer)
-        self.blocks = [_StackBlock(b, self._call, rotary=False) for b in transformer.transformer_blocks]
+        self.blocks = [_JointBlock(b, self._call, rotary=False) for b in transformer.transformer_blocks]
+        if any(getattr(b, "use_dual_attention", False) for b in transformer.transformer_blocks):
+            self.capabilities = frozenset()
         self.patch_size = int(transformer.config.patch_size)
         self._install_value_hooks()
 
@@ -315,8 +480,8 @@ class FluxTransformer(DiffusersTransformer):
             raise ConfigError("guidance: this FLUX model has no guidance embedding (guidance_embeds=False); "
                               "use classifier-free guidance (cfg) instead")
         self.guidance = None if guidance is None else float(guidance)
-        self.blocks = [_StackBlock(b, self._call, rotary=True)
-                       for b in (*transformer.transformer_blocks, *transformer.single_transformer_blocks)]
+        self.blocks = [*(_JointBlock(b, self._call, rotary=True) for b in transformer.transformer_blocks),
+                       *(_SingleBlock(b, self._call, rotary=True) for b in transformer.single_transformer_blocks)]
         self._install_value_hooks()
 
     def rf_edit_blocks(self) -> list[int]:
