@@ -21,7 +21,8 @@ from torch.utils.checkpoint import checkpoint
 
 from ..core.hooks import StepContext, block_hooks, output_hooks
 from .attention import Attention, AttentionProcessor
-from .layers import LabelEmbedder, Mlp, PatchEmbed, TimestepEmbedder, modulate, sincos_pos_embed_2d
+from .layers import (LabelEmbedder, Mlp, PatchEmbed, TimestepEmbedder, modulate, sincos_pos_embed_2d,
+                     xavier_linears_and_patches)
 
 
 @dataclass
@@ -173,16 +174,7 @@ class DiT(nn.Module):
         """DiT's initialisation: Xavier-uniform linears, N(0, 0.02) embeddings, and zeros for
         every adaLN modulation and the output layer (adaLN-Zero)."""
 
-        def basic(m: nn.Module) -> None:
-            if isinstance(m, nn.Linear):
-                nn.init.xavier_uniform_(m.weight)
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
-
-        self.apply(basic)
-        w = self.x_embedder.proj.weight
-        nn.init.xavier_uniform_(w.view(w.shape[0], -1))
-        nn.init.zeros_(self.x_embedder.proj.bias)
+        xavier_linears_and_patches(self, self.x_embedder.proj)
         nn.init.normal_(self.y_embedder.embedding_table.weight, std=0.02)
         nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
         nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)

@@ -135,3 +135,20 @@ def sincos_pos_embed_2d(embed_dim: int, grid_size: int) -> torch.Tensor:
     gw, gh = np.meshgrid(coords, coords)  # gw varies along columns: row-major tokens
     emb = np.concatenate([one_d(embed_dim // 2, gw), one_d(embed_dim // 2, gh)], axis=1)
     return torch.tensor(emb, dtype=torch.float32)
+
+
+def xavier_linears_and_patches(model: nn.Module, patch_proj: nn.Module) -> None:
+    """DiT's base initialisation: Xavier-uniform weights and zero biases for every linear
+    layer of ``model``, then the patch-embedding convolution ``patch_proj`` Xavier-uniform
+    over its flattened ``[D, C p p]`` weight with a zero bias."""
+
+    def basic(m: nn.Module) -> None:
+        if isinstance(m, nn.Linear):
+            nn.init.xavier_uniform_(m.weight)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+
+    model.apply(basic)
+    w = patch_proj.weight
+    nn.init.xavier_uniform_(w.view(w.shape[0], -1))
+    nn.init.zeros_(patch_proj.bias)

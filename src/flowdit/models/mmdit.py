@@ -47,7 +47,7 @@ from ..core.hooks import StepContext, attention_hooks, output_hooks
 from ..errors import ConfigError
 from .attention import cpu_bf16_training, merge_heads
 from .dit import FinalLayer
-from .layers import Mlp, PatchEmbed, RMSNorm, TimestepEmbedder, modulate
+from .layers import Mlp, PatchEmbed, RMSNorm, TimestepEmbedder, modulate, xavier_linears_and_patches
 
 __all__ = [
     "MMDiT",
@@ -501,16 +501,7 @@ class MMDiT(nn.Module):
         embedders, and zeros for every adaLN modulation and the output layer (adaLN-Zero:
         every block is the identity and the output is 0 at initialisation)."""
 
-        def basic(m: nn.Module) -> None:
-            if isinstance(m, nn.Linear):
-                nn.init.xavier_uniform_(m.weight)
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
-
-        self.apply(basic)
-        w = self.x_embedder.proj.weight
-        nn.init.xavier_uniform_(w.view(w.shape[0], -1))
-        nn.init.zeros_(self.x_embedder.proj.bias)
+        xavier_linears_and_patches(self, self.x_embedder.proj)
         for emb in (self.t_embedder, self.guidance_embedder):
             if emb is not None:
                 nn.init.normal_(emb.mlp[0].weight, std=0.02)
