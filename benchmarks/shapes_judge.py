@@ -7,7 +7,8 @@ each image against its own scene graph with ``flowdit.eval.shapes_judge.score``:
 judge gets 100% everywhere. Rows: the test split at 64x64 (all, by background, by object
 count), the held-out split, other image sizes (H x W), and degradations a generator
 produces, applied to the float image in [-1, 1] before saving as uint8 (Gaussian noise of
-sigma 0.05 and 0.1, a Gaussian blur of sigma 0.5 and 0.8 px, noise and blur together).
+sigma 0.05, 0.1 and 0.2, a Gaussian blur of sigma 0.5, 0.8 and 1.2 px, noise and blur
+together); the strongest settings are there to show where the judge stops working.
 Writes ``benchmarks/results/shapes_judge.{json,md}`` unless ``--no-write``.
 """
 
@@ -73,7 +74,7 @@ def main(argv=None) -> int:
     rows.append(("heldout 64x64", "all", run_cell(scene_set("heldout", args.n, args.seed, 64, 64))["all"]))
     for h, w in ((48, 48), (64, 96), (96, 64), (128, 128)):
         rows.append((f"test {h}x{w}", "all", run_cell(scene_set("test", args.n, args.seed, h, w))["all"]))
-    for noise, blur in ((0.05, 0.0), (0.1, 0.0), (0.0, 0.5), (0.0, 0.8), (0.05, 0.5)):
+    for noise, blur in ((0.05, 0.0), (0.1, 0.0), (0.2, 0.0), (0.0, 0.5), (0.0, 0.8), (0.0, 1.2), (0.05, 0.5)):
         what = " + ".join(x for x in (f"noise {noise}" if noise else "", f"blur {blur} px" if blur else "") if x)
         rows.append((f"test 64x64, {what}", "all", run_cell(test64, noise, blur, args.seed)["all"]))
     total_s = time.perf_counter() - t0

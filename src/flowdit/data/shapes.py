@@ -54,7 +54,7 @@ __all__ = [
     "SUPERSAMPLE", "ShapeObject", "SceneGraph", "ObjectSpec", "SceneSpec", "Scene",
     "ShapesBatch", "ShapesDataset", "size_scale", "size_range_px", "size_threshold_px",
     "min_gap_px", "object_bbox", "geometric_relation", "relation_holds", "sample_graph", "render",
-    "captions", "make_scene", "scene_set", "train_stream", "load_shapes", "class_index",
+    "captions", "scene_graph", "make_scene", "scene_set", "train_stream", "load_shapes", "class_index",
 ]
 
 SHAPES = ("circle", "square", "triangle", "star", "ring", "cross", "diamond", "semicircle")
@@ -301,18 +301,47 @@ def _apart(a: ShapeObject, b: ShapeObject, gap: float) -> bool:
 
 
 def _place(rng: np.random.Generator, objects: list[ShapeObject], relations, height, width,
-           tries: int = 200) -> bool:
+           tries: int = 50) -> bool:
+    """Set the objects' centres: object 0 uniformly, each later object on the stated side of
+    the object it is related to (beyond the gap, its offset along that axis at least twice
+    the other); redrawn until no two boxes are closer than the gap."""
     s = size_scale(height, width)
     gap, border = _GAP_PX * s, _BORDER_PX * s
+    # anchor[j] = (k, side): object j lies on ``side`` of an earlier object k.
+    anchor = {j: (i, INVERSE_RELATION[r]) for i, r, j in relations}
     for _ in range(tries):
-        for o in objects:
+        ok = True
+        for j, o in enumerate(objects):
             w, h = _extent(o.shape, o.size_px)
-            lo_x, hi_x = border + w / 2, width - border - w / 2
-            lo_y, hi_y = border + h / 2, height - border - h / 2
-            if hi_x < lo_x or hi_y < lo_y:
+            lo = [border + w / 2, border + h / 2]
+            hi = [width - border - w / 2, height - border - h / 2]
+            if hi[0] < lo[0] or hi[1] < lo[1]:
                 return False
-            o.centre = (float(rng.uniform(lo_x, hi_x)), float(rng.uniform(lo_y, hi_y)))
+            if j not in anchor:
+                o.centre = (float(rng.uniform(lo[0], hi[0])), float(rng.uniform(lo[1], hi[1])))
+            else:
+                a, side = objects[anchor[j][0]], anchor[j][1]
+                ax = 0 if side in ("left", "right") else 1
+                half = (w, h)[ax] / 2
+                lo_m, hi_m = lo[ax], hi[ax]
+                if side in ("right", "below"):
+                    lo_m = max(lo_m, a.bbox[2 + ax] + gap + half)
+                else:
+                    hi_m = min(hi_m, a.bbox[ax] - gap - half)
+                if hi_m < lo_m:
+                    ok = False
+                    break
+                main = float(rng.uniform(lo_m, hi_m))
+                spread = abs(main - a.centre[ax]) / 2
+                lo_p, hi_p = max(lo[1 - ax], a.centre[1 - ax] - spread), min(hi[1 - ax], a.centre[1 - ax] + spread)
+                if hi_p < lo_p:
+                    ok = False
+                    break
+                perp = float(rng.uniform(lo_p, hi_p))
+                o.centre = (main, perp) if ax == 0 else (perp, main)
             o.bbox = object_bbox(o)
+        if not ok:
+            continue
         if not all(_apart(a, b, gap) for k, a in enumerate(objects) for b in objects[k + 1:]):
             continue
         if all(_stated_ok(objects[i], objects[j], r, gap) for i, r, j in relations):
@@ -531,6 +560,13 @@ def _check_split(split: str) -> None:
         raise DataError(f"shapes: unknown split {split!r}; valid: {', '.join(SPLITS)}")
 
 
+def scene_graph(index: int, split: str = "test", seed: int = 0, height: int = 64, width: int = 64) -> SceneGraph:
+    """The graph of scene ``index`` of ``split`` under ``seed``, without rendering it."""
+    _check_split(split)
+    rng = np.random.default_rng([_SPLIT_CODE[split], seed, index, height, width])
+    return sample_graph(rng, height, width, split)
+
+
 def make_scene(index: int, split: str = "test", seed: int = 0, height: int = 64, width: int = 64) -> Scene:
     """Scene ``index`` of ``split`` under ``seed`` (the same bytes on every call).
 
@@ -538,9 +574,7 @@ def make_scene(index: int, split: str = "test", seed: int = 0, height: int = 64,
         the :class:`Scene` (image uint8 ``[3, H, W]``, masks bool ``[K, H, W]``, graph,
         captions).
     """
-    _check_split(split)
-    rng = np.random.default_rng([_SPLIT_CODE[split], seed, index, height, width])
-    graph = sample_graph(rng, height, width, split)
+    graph = scene_graph(index, split, seed, height, width)
     image, masks = render(graph)
     return Scene(image, masks, graph, captions(graph))
 
