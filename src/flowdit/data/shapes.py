@@ -9,7 +9,7 @@ down. The vocabulary (documented with RGB values in ``docs/shapes.md``):
   thick), diamond (square turned 45 degrees), semicircle (flat side down); fixed
   orientations.
 - colours (:data:`COLOURS`): nine named RGB colours at least 110 apart in RGB (Euclidean),
-  and at least 140 from the grey background (:data:`BACKGROUND_RGB`), so that a pixel's
+  and at least 170 from the grey background (:data:`BACKGROUND_RGB`), so that a pixel's
   nearest named colour is unambiguous.
 - sizes (:data:`SIZES`): an object's size is the larger side of its bounding box, in
   pixels: small 11-13 px, large 20-24 px at 64x64, scaled by ``min(H, W) / 64``.
@@ -59,7 +59,7 @@ __all__ = [
 
 SHAPES = ("circle", "square", "triangle", "star", "ring", "cross", "diamond", "semicircle")
 
-#: Named colours, RGB 0..255. Pairwise distances >= 110, >= 140 from the background.
+#: Named colours, RGB 0..255. Pairwise distances >= 110, >= 170 from the background.
 COLOURS: dict[str, tuple[int, int, int]] = {
     "red": (220, 20, 20),
     "orange": (255, 130, 0),
