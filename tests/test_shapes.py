@@ -1,4 +1,4 @@
-"""Captioned procedural scenes and their pixel-only judge."""
+"""Captioned procedural scenes (flowdit.data.shapes) and their judge (flowdit.eval.shapes_judge)."""
 
 from __future__ import annotations
 
@@ -6,123 +6,200 @@ import dataclasses
 
 import numpy as np
 import pytest
+import torch
+from scipy import ndimage
 
-from flowdit.data.shapes import (
-    COLOURS,
-    HELDOUT_PAIRS,
-    SHAPES,
-    Scene,
-    graph_signature,
-    random_scene,
-    relation_between,
-    render_scene,
-    scene_seed,
-    split_scenes,
-    train_stream,
-)
+from flowdit.data import build_dataset, to_float
+from flowdit.data import shapes as S
 from flowdit.errors import ConfigError, DataError
-from flowdit.eval.shapes_judge import judge, parse_caption
+from flowdit.eval import shapes_judge as J
 
 
-def test_deterministic():
-    a, b = split_scenes("test", 20), split_scenes("test", 20)
-    assert a == b
-    assert split_scenes("val", 20) != a
-    for s in a[:5]:
-        assert np.array_equal(render_scene(s)[0], render_scene(s)[0])
-    x = [next(iter(train_stream(seed=3)))[0] for _ in range(2)]
-    assert np.array_equal(x[0], x[1])
-    assert random_scene(scene_seed("train", 7)) == random_scene(scene_seed("train", 7))
+def test_same_seed_same_bytes_and_seeds_differ():
+    a, b = S.make_scene(7, "test", seed=3), S.make_scene(7, "test", seed=3)
+    assert a.image.tobytes() == b.image.tobytes() and a.masks.tobytes() == b.masks.tobytes()
+    assert a.captions == b.captions and a.graph == b.graph
+    assert S.make_scene(7, "test", seed=4).image.tobytes() != a.image.tobytes()
+    assert S.make_scene(7, "val", seed=3).image.tobytes() != a.image.tobytes()
+    s1, s2 = S.train_stream(4, seed=1), S.train_stream(4, seed=1)
+    for _ in range(2):
+        x, y = next(s1), next(s2)
+        assert x.images.dtype == torch.uint8 and x.images.shape == (4, 3, 64, 64)
+        assert torch.equal(x.images, y.images) and x.captions == y.captions
+        assert all(c in cs for c, cs in zip(x.captions, x.all_captions))
+    # A resumed stream repeats the batches from where it starts.
+    resumed = next(S.train_stream(4, seed=1, start=4))
+    again = S.train_stream(4, seed=1)
+    next(again)
+    assert torch.equal(next(again).images, resumed.images)
 
 
-def test_heldout_pairs_never_in_train():
-    for split, n in (("train", 2000), ("val", 300), ("test", 300)):
-        for s in split_scenes(split, n):
-            assert not any((o.colour, o.shape) in HELDOUT_PAIRS for o in s.objects)
-    held = split_scenes("heldout", 200)
-    assert all(any((o.colour, o.shape) in HELDOUT_PAIRS for o in s.objects) for s in held)
-    assert {c for c, _ in HELDOUT_PAIRS} <= set(COLOURS) and {s for _, s in HELDOUT_PAIRS} <= set(SHAPES)
-
-
-def test_scene_invariants():
-    for s in split_scenes("train", 300):
-        assert 1 <= len(s.objects) <= 3
-        keys = [(o.colour, o.shape) for o in s.objects]
-        assert len(set(keys)) == len(keys)  # captions are unambiguous
-        for i, r, j in s.relations:
-            assert relation_between(s.objects[i].centre, s.objects[j].centre) == r
-        img, masks = render_scene(s)
-        assert img.shape == (64, 64, 3) and img.dtype == np.uint8
-        assert masks.shape == (len(s.objects), 64, 64)
-        assert not (masks.sum(0) > 1).any()  # no overlap
-        assert all(m.sum() >= 30 for m in masks)
-    img, masks = render_scene(split_scenes("test", 1)[0], 48, 96)
-    assert img.shape == (48, 96, 3) and masks.shape[1:] == (48, 96)
-
-
-def test_captions_parse_back():
-    for s in split_scenes("test", 100):
-        caps = s.captions()
-        assert len(set(caps)) == len(caps)
+def test_every_caption_parses_back_to_its_graph():
+    for i in range(200):
+        g = S.scene_graph(i, "train")
+        want = g.spec().canonical()
+        caps = S.captions(g)
+        assert len(caps) >= 3 and len(set(caps)) == len(caps)
         for c in caps:
-            assert graph_signature(parse_caption(c)) == graph_signature(s)
-    s = split_scenes("test", 50)
-    two = next(x for x in s if len(x.objects) == 2)
-    a, b = two.objects
-    r = two.relations[0][1]
-    assert f"{a.phrase()} {'to the ' + r if 'of' in r else r} {b.phrase()}" in two.captions()
-    with pytest.raises(DataError):
-        parse_caption("a small purple circle")
+            assert J.parse_caption(c).canonical() == want, c
 
 
-def test_judge_accuracy_on_rendered_scenes():
-    scenes = split_scenes("test", 300)
-    exact = [judge(render_scene(s)[0], s)["exact"] for s in scenes]
-    assert np.mean(exact) >= 0.99
+def test_parse_caption_of_user_prompts():
+    spec = J.parse_caption("A large red circle above a blue star")
+    assert spec.objects == [S.ObjectSpec("circle", "red", "large"), S.ObjectSpec("star", "blue", None)]
+    assert spec.relations == [(0, "above", 1)]
+    spec = J.parse_caption("a blue star right of a small red circle")
+    assert spec.canonical() == S.SceneSpec([S.ObjectSpec("circle", "red", "small"), S.ObjectSpec("star", "blue")],
+                                           [(1, "right", 0)]).canonical()
+    assert J.parse_caption("red circle, small, left of a blue star").objects[0].size == "small"
+    with pytest.raises(ConfigError, match="no object"):
+        J.parse_caption("a purple unicorn")
+    with pytest.raises(ConfigError, match="no object after"):
+        J.parse_caption("a red circle left of")
 
 
-def _first(n_objects: int) -> Scene:
-    return next(s for s in split_scenes("test", 100) if len(s.objects) == n_objects and s.relations)
+def test_relations_hold_with_a_margin_and_objects_do_not_touch():
+    for i in range(60):
+        sc = S.make_scene(i, "test", height=64, width=80)
+        g = sc.graph
+        masks = sc.masks
+        assert masks.shape == (len(g.objects), 64, 80) and masks.any(axis=(1, 2)).all()
+        gap = int(S.min_gap_px(64, 80))
+        grown = [ndimage.binary_dilation(m, iterations=gap - 1) for m in masks]
+        for a in range(len(masks)):
+            for b in range(a + 1, len(masks)):
+                assert not (grown[a] & masks[b]).any()
+        for a, rel, b in g.relations:
+            oa, ob = g.objects[a], g.objects[b]
+            # The stated relation is the one read off the centres, by a wide margin.
+            assert S.geometric_relation(oa.centre, ob.centre, margin=6.0) == rel
+            ax = 0 if rel in ("left", "right") else 1
+            d = np.subtract(ob.centre, oa.centre)
+            assert abs(d[ax]) >= 2 * abs(d[1 - ax])
 
 
-def test_judge_rejects_wrong_images():
-    s = _first(2)
-    img = render_scene(s)[0]
-    assert judge(img, s)["exact"]
-    a = s.objects[0]
-    b = (s.objects[1].colour, s.objects[1].shape)
-    other_colour = next(c for c in COLOURS if c != a.colour and (c, a.shape) != b)
-    other_shape = next(x for x in SHAPES if x != a.shape and (a.colour, x) != b)
-    for changed in (dataclasses.replace(a, colour=other_colour), dataclasses.replace(a, shape=other_shape),
-                    dataclasses.replace(a, size="small" if a.size == "large" else "large")):  # fmt: skip
-        wrong = Scene(objects=(changed, s.objects[1]), relations=s.relations)
-        # an image of the altered scene, judged against the original prompt
-        r = judge(render_scene(wrong)[0], s)
-        assert not r["exact"] and r["object"] == 0.5
-    # an extra object: image of a three-object scene against a prompt of its first two objects
-    s3 = _first(3)
-    r = judge(render_scene(s3)[0], Scene(objects=s3.objects[:2], relations=s3.relations[:1]))
-    assert not r["count"] and not r["exact"]
-    # a swapped relation: the objects exchange places
-    o0, o1 = s.objects
-    moved = (dataclasses.replace(o0, centre=o1.centre), dataclasses.replace(o1, centre=o0.centre))
-    swapped = Scene(objects=moved, relations=s.relations)
-    r = judge(render_scene(swapped)[0], s)
-    assert r["relation"] == 0.0 and not r["exact"]
-    # a blank image
-    r = judge(np.full((64, 64, 3), 40, np.uint8), s)
-    assert r["colour"] == 0.0 and not r["count"]
+def test_heldout_compositions_never_appear_in_training():
+    pairs = set(S.HELDOUT_PAIRS)
+    top, rel, bottom = S.HELDOUT_RELATION
+    seen_colours, seen_shapes = set(), set()
+    for i in range(3000):
+        g = S.scene_graph(i, "train")
+        for o in g.objects:
+            assert (o.colour, o.shape) not in pairs
+            seen_colours.add(o.colour)
+            seen_shapes.add(o.shape)
+        for a in g.objects:
+            for b in g.objects:
+                if a.shape == top and b.shape == bottom:
+                    assert S.geometric_relation(a.centre, b.centre) != rel
+    # Every colour and shape is still seen, only the pairs are not.
+    assert seen_colours == set(S.COLOURS) and seen_shapes == set(S.SHAPES)
+    for i in range(200):
+        g = S.scene_graph(i, "heldout")
+        has_pair = any((o.colour, o.shape) in pairs for o in g.objects)
+        has_rel = any(g.objects[a].shape == top and g.objects[b].shape == bottom and r == rel
+                      for a, r, b in g.relations)
+        assert has_pair or has_rel
 
 
-def test_bad_arguments():
-    with pytest.raises(ConfigError):
-        random_scene(np.random.default_rng(0), 4)
-    with pytest.raises(ConfigError):
-        split_scenes("nope", 3)
+def test_judge_exact_match_on_rendered_test_scenes():
+    scores = [J.score(s.image, s.graph) for s in S.scene_set("test", 300)]
+    summary = J.summarise(scores)
+    assert summary["exact"] >= 0.99, summary
+    assert min(summary["colour"], summary["shape"], summary["size"], summary["relation"]) >= 0.99
 
 
-def test_judge_other_sizes_and_float_input():
-    for s in split_scenes("val", 20):
-        img = render_scene(s, 64, 128)[0]
-        assert judge(img, s)["exact"]
-        assert judge(img.astype(np.float32) / 255.0, s)["exact"]
+def _other(values, used):
+    return next(v for v in values if v not in used)
+
+
+def test_judge_catches_a_wrong_colour_shape_size_or_an_extra_object():
+    n = 0
+    for i in range(40):
+        sc = S.make_scene(i, "test")
+        g = sc.graph
+        if not J.score(sc.image, g).exact:
+            continue
+        n += 1
+        names = {(o.colour, o.shape) for o in g.objects}
+        # Recolour object 0.
+        bad = dataclasses.replace(g, objects=[dataclasses.replace(o) for o in g.objects])
+        o = bad.objects[0]
+        o.colour = _other(S.COLOURS, {c for c, s in names if s == o.shape} | {o.colour})
+        r = J.score(S.render(bad)[0], g)
+        assert not r.exact and r.colour == len(g.objects) - 1
+        # Swap its shape (same box centre and size).
+        bad = dataclasses.replace(g, objects=[dataclasses.replace(o) for o in g.objects])
+        o = bad.objects[0]
+        o.shape = _other(S.SHAPES, {s for c, s in names if c == o.colour} | {o.shape})
+        o.bbox = S.object_bbox(o)
+        r = J.score(S.render(bad)[0], g)
+        assert not r.exact and r.shape == len(g.objects) - 1
+        # Recolour its pixels in the image itself.
+        img = sc.image.copy()
+        img[:, sc.masks[0]] = np.array(S.COLOURS[_other(S.COLOURS, {c for c, _ in names})], np.uint8)[:, None]
+        assert not J.score(img, g).exact
+    assert n >= 38
+    # An extra object: a three-object scene scored against its first two objects.
+    k = 0
+    for i in range(60):
+        sc = S.make_scene(i, "test")
+        g = sc.graph
+        if len(g.objects) != 3:
+            continue
+        k += 1
+        fewer = S.SceneSpec([S.ObjectSpec(o.shape, o.colour, o.size) for o in g.objects[:2]], g.relations[:1])
+        r = J.score(sc.image, fewer)
+        assert not r.count_ok and not r.exact
+        # A missing object too.
+        r = J.score(sc.image, S.SceneSpec(g.spec().objects + [S.ObjectSpec("ring", "white", "large")]))
+        assert not r.exact
+    assert k >= 5
+    # A blank image matches nothing.
+    blank = np.full((3, 64, 64), 128, np.uint8)
+    assert J.detect(blank) == [] and not J.score(blank, "a small red circle").exact
+
+
+def test_any_size_renders_and_is_judged():
+    for h, w in ((40, 100), (100, 40), (33, 77), (64, 64)):
+        sc = S.make_scene(3, "test", height=h, width=w)
+        assert sc.image.shape == (3, h, w) and sc.image.dtype == np.uint8
+        assert sc.masks.shape == (len(sc.graph.objects), h, w) and sc.masks.dtype == bool
+    ok = [J.score(s.image, s.graph).exact for s in S.scene_set("test", 30, height=80, width=120)]
+    assert sum(ok) >= 29
+    # Float images in [-1, 1] are judged as their uint8 rounding.
+    sc = S.make_scene(1, "test")
+    assert J.score(to_float(torch.from_numpy(sc.image)), sc.graph).exact
+    with pytest.raises(DataError, match="at least 32x32"):
+        S.make_scene(0, "test", height=16, width=64)
+
+
+def test_build_dataset_shapes(monkeypatch):
+    monkeypatch.setitem(S.DATASET_SIZES, "val", 12)
+    ds = build_dataset("shapes", split="val", image_size=48)
+    assert isinstance(ds, S.ShapesDataset) and ds.images.shape == (12, 3, 48, 48)
+    assert ds.num_classes == len(S.CLASS_NAMES) == 72 and ds.split == "val"
+    assert len(ds.graphs) == len(ds.captions) == len(ds.masks) == 12
+    for lab, g in zip(ds.labels.tolist(), ds.graphs):
+        assert ds.class_names[lab] == g.objects[0].name
+    x, y = ds.batch(torch.arange(3))
+    assert x.shape == (3, 3, 48, 48) and x.min() >= -1 and y.dtype == torch.int64
+    assert torch.equal(ds.images[5], torch.from_numpy(S.make_scene(5, "val", height=48, width=48).image))
+    with pytest.raises(DataError, match="unknown split"):
+        build_dataset("shapes", split="all")
+    with pytest.raises(DataError, match="3 channels"):
+        build_dataset("shapes", channels=1)
+
+
+def test_captioned_grid(tmp_path):
+    from PIL import Image
+
+    from flowdit.utils.images import save_captioned_grid
+
+    scenes = S.scene_set("test", 3)
+    imgs = to_float(torch.from_numpy(np.stack([s.image for s in scenes])))
+    path = save_captioned_grid(imgs, [s.captions[0] for s in scenes], tmp_path / "g.png", nrow=3)
+    pic = Image.open(path)
+    assert pic.mode == "RGB" and pic.size[0] == 3 * (128 + 4) + 4 and pic.size[1] > 128
+    with pytest.raises(DataError, match="captions"):
+        save_captioned_grid(imgs, ["one"], tmp_path / "h.png")

@@ -23,7 +23,7 @@ __all__ = [
     "MNIST_ENV",
 ]
 
-DATASET_NAMES = ("digits", "mnist", "folder")
+DATASET_NAMES = ("digits", "mnist", "folder", "shapes")
 MNIST_ENV = "FLOWDIT_MNIST"
 
 
@@ -34,20 +34,25 @@ def build_dataset(
     image_size: int | None = None,
     channels: int | None = None,
 ) -> ImageDataset:
-    """Build a data set by name: ``"digits"``, ``"mnist"`` or ``"folder"``.
+    """Build a data set by name: ``"digits"``, ``"mnist"``, ``"folder"`` or ``"shapes"``.
 
     Args:
         name: which loader.
         root: directory of the files; unused for digits; for mnist it defaults to the
             ``FLOWDIT_MNIST`` environment variable; required for folder.
-        split: ``"train"`` / ``"test"`` (digits also ``"all"``). For a folder, ``root/<split>``
-            is used when that subfolder exists, else ``root`` itself for ``"train"``.
+        split: ``"train"`` / ``"test"`` (digits also ``"all"``, shapes also ``"val"`` and
+            ``"heldout"``). For a folder, ``root/<split>`` is used when that subfolder
+            exists, else ``root`` itself for ``"train"``.
         image_size: required for folder (the resize target); for digits and mnist it may
-            only restate the native size (8, 28).
-        channels: 1 or 3 for folder (default 3); for digits and mnist it may only be 1.
+            only restate the native size (8, 28); for shapes the side of the rendered
+            scenes (default 64).
+        channels: 1 or 3 for folder (default 3); for digits and mnist it may only be 1,
+            for shapes only 3.
 
     Returns:
-        the :class:`ImageDataset` (uint8 images ``[N, C, H, W]``, int64 labels ``[N]``).
+        the :class:`ImageDataset` (uint8 images ``[N, C, H, W]``, int64 labels ``[N]``);
+        for shapes a :class:`flowdit.data.shapes.ShapesDataset`, which also keeps every
+        scene's graph, captions and masks (``flowdit.data.shapes.load_shapes``).
     """
     if name == "digits":
         dataset = load_digits(split)
@@ -76,6 +81,12 @@ def build_dataset(
         dataset = load_image_folder(folder, image_size, 3 if channels is None else channels)
         dataset.split = split
         return dataset
+    elif name == "shapes":
+        from flowdit.data.shapes import load_shapes  # scipy is imported only when used
+
+        if channels is not None and channels != 3:
+            raise DataError(f"shapes images have 3 channels; channels={channels} is not supported for it")
+        return load_shapes(split, image_size)
     else:
         raise DataError(
             f"unknown data set {name!r}; valid names are {', '.join(DATASET_NAMES)}"

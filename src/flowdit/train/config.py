@@ -87,7 +87,8 @@ class ModelSection:
 
 @dataclass
 class DataSection:
-    """``dataset``: ``digits`` (embedded), ``mnist`` (IDX files in ``root``) or ``folder``.
+    """``dataset``: ``digits`` (embedded), ``mnist`` (IDX files in ``root``), ``folder`` or
+    ``shapes`` (rendered captioned scenes, :mod:`flowdit.data.shapes`).
 
     ``pairs``: a directory written by ``flowdit reflow pairs``; when set, the run trains on
     those fixed ``(noise, sample, label)`` couplings (reflow) instead of data with fresh
@@ -98,11 +99,12 @@ class DataSection:
     scoring the run from anywhere reads the same files.
     """
 
-    dataset: str = _key("digits", "digits (embedded), mnist (IDX files in data.root) or folder (one subfolder "
-                                  "per class)")
+    dataset: str = _key("digits", "digits (embedded), mnist (IDX files in data.root), folder (one subfolder "
+                                  "per class) or shapes (rendered scenes)")
     root: Optional[str] = _key(None, "directory of the data set's files (mnist, folder); relative to the "
                                      "working directory")
-    image_size: Optional[int] = _key(None, "folder: resize target; digits / mnist: may only restate 8 / 28")
+    image_size: Optional[int] = _key(None, "folder: resize target; shapes: rendered side (default 64); "
+                                           "digits / mnist: may only restate 8 / 28")
     channels: Optional[int] = _key(None, "folder: 1 or 3 (default 3); digits / mnist: may only be 1")
     pairs: Optional[str] = _key(None, "directory of coupling pairs (flowdit reflow pairs): train on them (reflow)")
 
@@ -121,6 +123,8 @@ class DataSection:
             return 1, 8
         if self.dataset == "mnist":
             return 1, 28
+        if self.dataset == "shapes":
+            return 3, (self.image_size or 64)
         return (self.channels or 3), (self.image_size or 0)
 
 

@@ -14,7 +14,8 @@ from flowdit.data.base import to_float, to_uint8
 from flowdit.errors import DataError
 from flowdit.utils.files import atomic_write
 
-__all__ = ["make_grid", "save_grid_png", "save_npz", "load_npz", "default_upscale"]
+__all__ = ["make_grid", "save_grid_png", "make_captioned_grid", "save_captioned_grid", "save_npz",
+           "load_npz", "default_upscale"]
 
 MIN_TILE_PIXELS = 32
 
@@ -106,6 +107,116 @@ def save_grid_png(
     # A 2-D uint8 array becomes mode L, [H, W, 3] becomes RGB.
     picture = Image.fromarray(grid[:, :, 0] if grid.shape[2] == 1 else grid)
     return atomic_write(Path(path), lambda f: picture.save(f, format="PNG"))
+
+
+def _font(size: int):
+    from PIL import ImageFont
+
+    try:
+        return ImageFont.load_default(size=size)
+    except (TypeError, OSError):  # Pillow without FreeType: the fixed bitmap font
+        return ImageFont.load_default()
+
+
+def _wrap(draw, text: str, font, width: int) -> list[str]:
+    """Greedy word wrap of ``text`` to lines at most ``width`` pixels wide."""
+    lines, line = [], ""
+    for word in text.split():
+        trial = f"{line} {word}".strip()
+        if line and draw.textlength(trial, font=font) > width:
+            lines.append(line)
+            line = word
+        else:
+            line = trial
+    return lines + ([line] if line else [])
+
+
+def make_captioned_grid(
+    images: torch.Tensor,
+    captions: list[str],
+    nrow: int | None = None,
+    upscale: int | None = None,
+    padding: int = 4,
+    font_size: int = 11,
+    max_lines: int = 4,
+) -> np.ndarray:
+    """Tile images with a caption under each (text-to-image samples, captioned data).
+
+    Each tile is the image upscaled by ``upscale`` (nearest neighbour) with its caption
+    word-wrapped to the tile's width below it (at most ``max_lines`` lines, the last one
+    ending in "..." when cut), in black on white.
+
+    Args:
+        images: float ``[N, C, H, W]`` in [-1, 1], C in (1, 3).
+        captions: N strings.
+        nrow: tiles per row; default ``ceil(sqrt(N))``.
+        upscale: default makes each image at least 96 px wide.
+
+    Returns:
+        uint8 numpy ``[rows * (H*upscale + text + padding) + padding,
+        nrow * (W*upscale + padding) + padding, 3]``.
+    """
+    from PIL import ImageDraw
+
+    images = _check_images(images, "make_captioned_grid")
+    n, c, h, w = images.shape
+    if len(captions) != n:
+        raise DataError(f"make_captioned_grid: {len(captions)} captions for {n} images")
+    nrow = nrow if nrow is not None else math.ceil(math.sqrt(n))
+    upscale = upscale if upscale is not None else max(1, math.ceil(96 / w))
+    if nrow < 1 or upscale < 1 or padding < 0 or max_lines < 1:
+        raise DataError(f"make_captioned_grid: need nrow, upscale, max_lines >= 1 and padding >= 0; got "
+                        f"nrow={nrow}, upscale={upscale}, padding={padding}, max_lines={max_lines}")
+    tiles = to_uint8(images).permute(0, 2, 3, 1).numpy()
+    if c == 1:
+        tiles = tiles.repeat(3, axis=3)
+    tiles = tiles.repeat(upscale, axis=1).repeat(upscale, axis=2)
+    th, tw = h * upscale, w * upscale
+    font = _font(font_size)
+    scratch = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    wrapped = []
+    for text in captions:
+        lines = _wrap(scratch, text, font, tw)
+        if len(lines) > max_lines:
+            lines = lines[:max_lines]
+            lines[-1] = lines[-1] + " ..."
+        wrapped.append(lines)
+    line_h = font_size + 2
+    text_h = line_h * max(1, max(len(x) for x in wrapped)) + 2
+    ncol, nrows = min(nrow, n), math.ceil(n / nrow)
+    canvas = Image.new("RGB", (ncol * (tw + padding) + padding, nrows * (th + text_h + padding) + padding),
+                       (255, 255, 255))
+    draw = ImageDraw.Draw(canvas)
+    for k in range(n):
+        r, col = divmod(k, nrow)
+        x, y = padding + col * (tw + padding), padding + r * (th + text_h + padding)
+        canvas.paste(Image.fromarray(tiles[k]), (x, y))
+        for j, line in enumerate(wrapped[k]):
+            draw.text((x, y + th + 1 + j * line_h), line, fill=(0, 0, 0), font=font)
+    return np.asarray(canvas)
+
+
+def save_captioned_grid(
+    images: torch.Tensor,
+    captions: list[str],
+    path: str | Path,
+    nrow: int | None = None,
+    upscale: int | None = None,
+    **kwargs,
+) -> Path:
+    """Save :func:`make_captioned_grid` as a PNG, atomically (``kwargs`` go to it).
+
+    Args:
+        images: float ``[N, C, H, W]`` in [-1, 1].
+        captions: N strings.
+        path: the PNG file; parent folders are created.
+
+    Returns:
+        the path written.
+    """
+    grid = make_captioned_grid(images, captions, nrow=nrow, upscale=upscale, **kwargs)
+    picture = Image.fromarray(grid)
+    return atomic_write(Path(path), lambda f: picture.save(f, format="PNG", optimize=True))
 
 
 def save_npz(
