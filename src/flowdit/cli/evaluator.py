@@ -35,7 +35,7 @@ def cmd_evaluator_train(args: argparse.Namespace) -> int:
     test = build_dataset(args.dataset, root=_data_root(args), split="test")
     tx, ty = train.batch(torch.arange(len(train)))
     vx, vy = test.batch(torch.arange(len(test)))
-    epochs = args.epochs or (4 if args.dataset == "mnist" else 60)
+    epochs = args.epochs or {"mnist": 4, "shapes": 6}.get(args.dataset, 60)
     for kind in kinds:
         net, record = train_classifier(kind, tx, ty, vx, vy, train.num_classes, epochs=epochs,
                                        progress=not args.no_progress)
@@ -54,10 +54,10 @@ def add_parsers(sub) -> None:
     et = command(evsub, "train", help="train and save the evaluator and guide networks",
                  description="Reproducibly train the data set's evaluator (scores samples) and guide "
                              "(for losses and guidance) networks and write their weights and manifest.")
-    et.add_argument("--dataset", required=True, choices=["digits", "mnist"], help="data set")
+    et.add_argument("--dataset", required=True, choices=["digits", "mnist", "shapes"], help="data set")
     et.add_argument("--data-root", help="directory of the MNIST IDX files")
     et.add_argument("--kinds", default="evaluator,guide", help="comma-separated networks to train")
-    et.add_argument("--epochs", type=_positive_int, help="default: 4 for mnist, 60 for digits")
+    et.add_argument("--epochs", type=_positive_int, help="default: 4 for mnist, 6 for shapes, 60 for digits")
     et.add_argument("--out-dir", help="directory of the weights and their manifest.json (default: ./evaluators; "
                                       "use them with flowdit eval --weights-dir)")
     et.add_argument("--replace-shipped", action="store_true",

@@ -8,11 +8,11 @@ import sys
 
 from .. import __version__
 from ..errors import FlowditError
-from . import bench, edit, evaluate, evaluator, reflow, sample, train
+from . import autoencoder, bench, edit, evaluate, evaluator, reflow, sample, train
 from .common import _Parser
 
 # The order of ``flowdit --help``.
-COMMANDS = (train, sample, evaluate, reflow, evaluator, edit, bench)
+COMMANDS = (train, sample, evaluate, reflow, evaluator, autoencoder, edit, bench)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -54,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
         args, extra = parser.parse_known_args(argv)
         if extra:
             sub = getattr(args, "_parser", parser)
-            if args.command == "train":  # overrides may come anywhere after the command
+            if args.command == "train" or getattr(args, "autoencoder_command", None) == "train":  # overrides may come anywhere after the command
                 bad = [a for a in extra if not _is_override(a)]
                 if not bad:
                     args.overrides = list(args.overrides) + extra

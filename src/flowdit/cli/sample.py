@@ -27,8 +27,8 @@ from .common import (
 _RUN_ONLY = (("ckpt", "--ckpt"), ("num", "--num"), ("classes", "--classes"),
              ("guidance_interval", "--guidance-interval"), ("shift", "--shift"), ("tol", "--tol"),
              ("no_ema", "--no-ema"))
-_DIFFUSERS_ONLY = (("prompt", "--prompt"), ("prompts", "--prompts"), ("negative_prompt", "--negative-prompt"),
-                   ("guidance", "--guidance"), ("height", "--height"), ("width", "--width"))
+_DIFFUSERS_ONLY = (("guidance", "--guidance"), ("height", "--height"), ("width", "--width"))
+_PROMPT_FLAGS = (("prompt", "--prompt"), ("prompts", "--prompts"), ("negative_prompt", "--negative-prompt"))
 _RUN_DEFAULTS = {"num": 100, "tol": 1e-4, "batch_size": 256}
 
 
@@ -48,8 +48,13 @@ def cmd_sample(args: argparse.Namespace) -> int:
     for attr, flag in _DIFFUSERS_ONLY:
         if _given(args, attr):
             raise ConfigError(f"{flag} needs --diffusers PATH (a diffusers pipeline folder)")
+    prompt_flags = [f for a, f in _PROMPT_FLAGS if _given(args, a)]
     if args.ckpt is None:
+        if prompt_flags:
+            raise ConfigError(f"{prompt_flags[0]} needs --ckpt RUN (a text-to-image run) or --diffusers PATH")
         raise ConfigError("--ckpt RUN or --diffusers PATH is required")
+    if prompt_flags:
+        return _sample_text_run(args)
     for key, value in _RUN_DEFAULTS.items():
         if getattr(args, key) is None:
             setattr(args, key, value)
@@ -82,6 +87,8 @@ def _sample_run(args: argparse.Namespace) -> int:
             raise ConfigError(f"--accel {args.accel!r}: {e}") from None
     torch.manual_seed(args.seed)
     model, meta = load_run_model(args.ckpt, use_ema=not args.no_ema)
+    if meta.get("text") is not None:
+        raise ConfigError(f"--ckpt {args.ckpt}: a text-conditioned run; pass --prompt TEXT or --prompts FILE")
     model.to(device)
     data = meta.get("data", {})
     shape = tuple(data.get("shape") or (model.in_channels, model.config.input_size, model.config.input_size))
@@ -117,6 +124,67 @@ def _sample_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _sample_text_run(args: argparse.Namespace) -> int:
+    """``--ckpt`` of a text-to-image run with ``--prompt`` / ``--prompts``: ``-n`` images per
+    prompt (default 1) to a captioned grid (.png) or an .npz holding ``arr_0`` (uint8
+    ``[N, H, W, C]``) and ``prompts``."""
+    import io
+
+    import numpy as np
+
+    from ..data.base import to_uint8
+    from ..inference.text import generate_from_prompts, load_text_run
+    from ..utils.files import atomic_write
+    from ..utils.images import save_captioned_grid
+    from ..utils.precision import autocast_dtype
+    from .sample_diffusers import read_prompts
+
+    for attr, flag in (("classes", "--classes"), ("guidance_interval", "--guidance-interval"), ("tol", "--tol")):
+        if _given(args, attr):
+            raise ConfigError(f"{flag} does not apply to prompts")
+    flags = " / ".join(f for a, f in _PROMPT_FLAGS[:2] if _given(args, a))
+    try:
+        run = load_text_run(args.ckpt, use_ema=not args.no_ema)
+    except ConfigError as e:
+        raise ConfigError(f"--ckpt {args.ckpt}: {e} ({flags} given)") from None
+    out = Path(args.out)
+    if out.suffix not in (".png", ".npz"):
+        raise FlowditError(f"--out must end in .png (a captioned grid) or .npz, got {args.out!r}")
+    _check_solver(args.solver)
+    _check_writable(out, "--out")
+    prompts = read_prompts(args)
+    if not prompts:
+        raise ConfigError("--prompt / --prompts: no prompts given")
+    accel = None
+    if args.accel:
+        from ..accel import build_policy
+
+        try:
+            accel = build_policy(args.accel)
+        except ConfigError as e:
+            raise ConfigError(f"--accel {args.accel!r}: {e}") from None
+    device = _device(args)
+    if args.shift is not None:
+        run.shift = args.shift
+    cfg_scale = args.cfg if args.cfg is not None else float(run.meta.get("config", {}).get("sample", {}).get("cfg", 4.0))
+    per = args.num or 1
+    wanted = [p for p in prompts for _ in range(per)]
+    imgs, nfe = generate_from_prompts(run, wanted, solver=args.solver, steps=args.steps, cfg_scale=cfg_scale,
+                                      seed=args.seed, negative=args.negative_prompt or "",
+                                      amp_dtype=autocast_dtype(args.precision, device), accel=accel,
+                                      batch_size=args.batch_size or 64, progress=not args.no_progress)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if out.suffix == ".png":
+        save_captioned_grid(imgs, wanted, out, nrow=per if per > 1 else min(8, len(wanted)))
+    else:
+        buf = io.BytesIO()
+        np.savez(buf, arr_0=to_uint8(imgs).permute(0, 2, 3, 1).numpy(), prompts=np.array(wanted))
+        atomic_write(out, lambda f: f.write(buf.getvalue()))
+    print(f"flowdit: wrote {len(wanted)} samples for {len(prompts)} prompts to {out} (solver {args.solver}, "
+          f"NFE {nfe}, cfg {cfg_scale})")
+    return 0
+
+
 def add_parsers(sub) -> None:
     """Register this module's commands on the ``flowdit`` subparsers ``sub``."""
     from ..accel.registry import POLICIES
@@ -133,7 +201,7 @@ def add_parsers(sub) -> None:
     # -n as well: under torchrun, "--num" is refused as an abbreviation of its --numa-binding.
     s.add_argument("-n", "--num", type=_positive_int, help="number of samples (-n under torchrun; default: 100)")
     s.add_argument("--classes", help="comma-separated class indices (default: all classes, balanced)")
-    s.add_argument("--prompt", action="append", help="with --diffusers: a text prompt (repeat for several)")
+    s.add_argument("--prompt", action="append", help="a text prompt (repeat for several): a text-to-image run or --diffusers")
     s.add_argument("--prompts", metavar="FILE", help="with --diffusers: a text file of prompts, one a line "
                    "(blank lines and lines starting with # are skipped)")
     s.add_argument("--negative-prompt", help="with --diffusers: the negative prompt of classifier-free guidance "

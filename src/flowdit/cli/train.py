@@ -69,7 +69,15 @@ def cmd_train(args: argparse.Namespace) -> int:
         trainer = Trainer(cfg, resume=args.resume, device=args.device, progress=not args.no_progress,
                           allow_config_change=args.allow_config_change, resume_fallback=args.resume_fallback)
         last = trainer.fit()
-        if trainer.dist.is_main and not args.no_outputs:
+        if trainer.dist.is_main and not args.no_outputs and trainer.conditioning.kind == "text":
+            from ..train.text_outputs import write_text_run_outputs
+
+            metrics = write_text_run_outputs(trainer, extra={"final_loss": last.get("loss"), "train_steps": trainer.step,
+                                                             "params": trainer.model.param_count()},
+                                             progress=not args.no_progress)
+            print(f"flowdit: wrote {trainer.run_dir}/samples.png, samples.npz, metrics.json (judge exact match "
+                  f"{metrics['judge_test']['exact']:.3f} test, {metrics['judge_heldout']['exact']:.3f} held-out)")
+        elif trainer.dist.is_main and not args.no_outputs:
             metrics = write_run_outputs(
                 trainer.run_dir, trainer.ema, trainer.cfg, amp_dtype=trainer.amp_dtype, device=trainer.device,
                 extra={"final_loss": last.get("loss"), "train_steps": trainer.step,

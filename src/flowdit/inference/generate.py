@@ -65,12 +65,15 @@ def generate(
     rtol: float = 1e-5,
     atol: float = 1e-5,
     accel: Optional[BlockPolicy] = None,
+    null=None,
+    clamp: bool = True,
 ) -> Generated:
     """Sample one image per label by integrating the model's ODE from noise (t = 1) to data.
 
     Args:
         model: ``model(x, t, y) -> v`` with a ``null_class`` attribute for guidance.
-        labels: ``[N]`` class indices.
+        labels: ``[N]`` class indices, or a text condition: a dict of ``[N, ...]`` tensors
+            (``tokens``, ``mask``, ``pooled``) for a text-conditioned model.
         shape: ``(C, H, W)`` of one sample.
         solver, steps, shift: passed to :func:`flowdit.sampling.sample.sample`.
         cfg_scale, guidance_interval: classifier-free guidance (scale 1 = conditional only).
@@ -80,8 +83,12 @@ def generate(
             that decides per model call how the block stack runs. Its state is reset
             for every batch, so a batch's result does not depend on earlier batches.
 
+        null: the unconditional branch's condition for guidance (a text model's empty-prompt
+            condition, one row or ``N``); default the model's ``null_class``.
+        clamp: clamp the results to ``[-1, 1]`` (pixels); off for latents.
+
     Returns:
-        :class:`Generated` with ``images [N, *shape]`` clamped to ``[-1, 1]``.
+        :class:`Generated` with ``images [N, *shape]`` (clamped to ``[-1, 1]`` by default).
     """
     if accel is not None and not callable(getattr(accel, "run", None)):
         raise TypeError(
@@ -89,20 +96,33 @@ def generate(
         )
     device = torch.device(device)
     model.eval()
-    labels = torch.as_tensor(labels, dtype=torch.long)
-    n = len(labels)
+    text = isinstance(labels, dict)
+    if not text:
+        labels = torch.as_tensor(labels, dtype=torch.long)
+    n = len(next(iter(labels.values()))) if text else len(labels)
     images, nfe = [], 0
     bar = tqdm(total=n, disable=not progress, desc=f"sample {solver}", unit="img", dynamic_ncols=True)
     for lo in range(0, n, batch_size):
         idx = list(range(first_index + lo, first_index + min(n, lo + batch_size)))
         noise = indexed_noise(idx, shape, seed).to(device)
-        y = labels[lo:lo + len(idx)].to(device)
+        hi = lo + len(idx)
+        y = {k: v[lo:hi].to(device) for k, v in labels.items()} if text else labels[lo:hi].to(device)
         ctx = StepContext(block_policy=accel) if accel is not None else None
-        velocity = model_velocity(model, y, cfg_scale, amp_dtype, ctx=ctx, interval=guidance_interval)
+        velocity = model_velocity(model, y, cfg_scale, amp_dtype, ctx=ctx, interval=guidance_interval,
+                                  null=_rows(null, lo, hi, device))
         res = sample(velocity, noise, solver=solver, steps=steps, shift=shift, rtol=rtol, atol=atol,
                      step_context=ctx)
-        images.append(res.x.float().clamp(-1, 1).cpu())
+        x = res.x.float()
+        images.append((x.clamp(-1, 1) if clamp else x).cpu())
         nfe = max(nfe, res.nfe)
         bar.update(len(idx))
     bar.close()
     return Generated(torch.cat(images) if images else torch.empty(0, *shape), labels, nfe)
+
+
+def _rows(null, lo: int, hi: int, device):
+    """The null condition's rows for a batch: all of a one-row one, else ``lo:hi``."""
+    if null is None or not isinstance(null, dict):
+        return null
+    one = next(iter(null.values())).shape[0] == 1
+    return {k: (v if one else v[lo:hi]).to(device) for k, v in null.items()}

@@ -7,6 +7,7 @@ from pathlib import Path
 from ..checkpoint_io import load_checkpoint, load_state_dict_strict, nonfinite_tensors
 from ..errors import CheckpointError
 from ..models import DiT, DiTConfig
+from ..models.mmdit import MMDiT, MMDiTConfig
 
 __all__ = ["load_run_model"]
 
@@ -15,14 +16,20 @@ def load_run_model(path: str | Path, use_ema: bool = True, map_location: str = "
     """The model saved in a run directory (its latest checkpoint) or a checkpoint directory.
 
     Returns ``(model in eval mode, meta)`` where ``meta`` holds the run's resolved config,
-    model config and data description. ``use_ema`` picks the EMA weights (the ones to
+    model config and data description; a text-conditioned run (``model_class`` MMDiT) also
+    records its text encoder and, when trained on latents, the latent cache's autoencoder. ``use_ema`` picks the EMA weights (the ones to
     sample from) over the raw training weights.
     """
     ckpt = load_checkpoint(path, map_location=map_location, load_tensors_only=True)
     mc = ckpt.meta.get("model_config")
     if mc is None:
         raise CheckpointError(f"{ckpt.path}: manifest has no model_config; not a flowdit training checkpoint")
-    model = DiT(DiTConfig(**mc))
+    if ckpt.meta.get("model_class") == "MMDiT":  # a text-conditioned run
+        if isinstance(mc.get("axes_dims"), list):
+            mc = dict(mc, axes_dims=tuple(mc["axes_dims"]))
+        model = MMDiT(MMDiTConfig(**mc))
+    else:
+        model = DiT(DiTConfig(**mc))
     which = "ema" if use_ema else "model"
     if which not in ckpt.tensors:
         raise CheckpointError(f"{ckpt.path}: no {which}.safetensors in checkpoint")

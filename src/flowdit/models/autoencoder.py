@@ -28,11 +28,12 @@ class AutoencoderConfig:
     """Architecture of an ``AutoencoderKL``: ``len(block_out_channels) - 1`` downsamplings
     (factor 4 for three blocks: 64 x 64 -> 16 x 16), ``latent_channels`` channels."""
 
-    in_channels: int = 3
-    latent_channels: int = 4
-    block_out_channels: list[int] = field(default_factory=lambda: [32, 64, 128])
-    layers_per_block: int = 1
-    norm_num_groups: int = 32
+    in_channels: int = field(default=3, metadata={"help": "image channels"})
+    latent_channels: int = field(default=4, metadata={"help": "latent channels"})
+    block_out_channels: list[int] = field(default_factory=lambda: [32, 64, 128], metadata={
+        "help": "channels per resolution level; len - 1 downsamplings by 2"})
+    layers_per_block: int = field(default=1, metadata={"help": "ResNet blocks per level (decoder: one more)"})
+    norm_num_groups: int = field(default=32, metadata={"help": "GroupNorm groups (divides every channel count)"})
 
     def validate(self) -> None:
         if not self.block_out_channels or any(c <= 0 for c in self.block_out_channels):

@@ -675,5 +675,6 @@ class MMDiT(nn.Module):
         return sum(p.numel() for p in self.parameters() if p.requires_grad or not trainable_only)
 
     def config_dict(self) -> dict:
-        """The ``MMDiTConfig`` as a plain dict (saved with checkpoints)."""
-        return asdict(self.config)
+        """The ``MMDiTConfig`` as a plain JSON-shaped dict (tuples as lists), as saved with
+        checkpoints, so a saved config compares equal to the model's."""
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self.config).items()}

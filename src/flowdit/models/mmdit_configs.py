@@ -18,6 +18,9 @@ MMDIT_CONFIGS: dict[str, dict] = {
     # For tests: FLUX-style (RoPE over (index, row, column), QK-norm, 1 double + 2 single blocks).
     "FLUX-tiny": dict(input_size=8, in_channels=4, patch_size=2, hidden_size=32, depth=1, single_depth=2,
                       num_heads=2, text_dim=24, pooled_dim=16, qk_norm=True, pos_embed="rope", axes_dims=(4, 6, 6)),
+    # For tests of text-conditioned training: the hash encoder's default widths (64).
+    "MMDiT-hash-tiny": dict(input_size=8, in_channels=4, patch_size=2, hidden_size=32, depth=2, single_depth=0,
+                            num_heads=2, text_dim=64, pooled_dim=64, qk_norm=True),
     # Captioned shapes, 16x16x4 autoencoder latents, patch 2: 64 image tokens; MiniLM text (384).
     "MMDiT-shapes": dict(input_size=16, in_channels=4, patch_size=2, hidden_size=128, depth=6, single_depth=0,
                          num_heads=4, text_dim=384, pooled_dim=384, qk_norm=True),

@@ -69,19 +69,19 @@ class ModelSection:
     num_heads: Optional[int] = _key(None, "attention heads (null: the registry's)")
     patch_size: Optional[int] = _key(None, "patch side in pixels (null: the registry's)")
     mlp_ratio: Optional[float] = _key(None, "MLP width / token width (null: the registry's)")
-    qk_norm: bool = _key(False, "RMS-normalise queries and keys")
+    qk_norm: Optional[bool] = _key(None, "RMS-normalise queries and keys (null: the registry's; off for the DiTs)")
 
     def overrides(self) -> dict:
-        keys = ("depth", "hidden_size", "num_heads", "patch_size", "mlp_ratio")
-        out = {k: getattr(self, k) for k in keys if getattr(self, k) is not None}
-        out["qk_norm"] = self.qk_norm
-        return out
+        keys = ("depth", "hidden_size", "num_heads", "patch_size", "mlp_ratio", "qk_norm")
+        return {k: getattr(self, k) for k in keys if getattr(self, k) is not None}
 
     def validate(self) -> None:
         from ..models.registry import MODEL_CONFIGS
 
-        if self.name not in MODEL_CONFIGS:
-            raise ConfigError(f"model.name: unknown model {self.name!r}; known models: {', '.join(MODEL_CONFIGS)}")
+        from ..models.registry import model_names
+
+        if self.name not in model_names():
+            raise ConfigError(f"model.name: unknown model {self.name!r}; known models: {', '.join(model_names())}")
         _positive("model", self, "depth", "hidden_size", "num_heads", "patch_size", "mlp_ratio")
 
 
@@ -107,18 +107,26 @@ class DataSection:
                                            "digits / mnist: may only restate 8 / 28")
     channels: Optional[int] = _key(None, "folder: 1 or 3 (default 3); digits / mnist: may only be 1")
     pairs: Optional[str] = _key(None, "directory of coupling pairs (flowdit reflow pairs): train on them (reflow)")
+    num_items: Optional[int] = _key(None, "shapes: number of rendered training scenes (null: 8000)")
+    latents: Optional[str] = _key(None, "directory of a latent cache (flowdit autoencoder encode): train on its "
+                                        "latents (and captions); dataset names the images they encode")
 
     def validate(self) -> None:
         from ..data import DATASET_NAMES
 
         if self.dataset not in DATASET_NAMES:
             raise ConfigError(f"data.dataset: unknown data set {self.dataset!r}; valid: {', '.join(DATASET_NAMES)}")
-        _positive("data", self, "image_size")
+        _positive("data", self, "image_size", "num_items")
+        if self.num_items is not None and self.dataset != "shapes":
+            raise ConfigError(f"data.num_items applies to rendered data sets (shapes), not {self.dataset}")
         if self.channels is not None and self.channels not in (1, 3):
             raise ConfigError(f"data.channels must be 1 or 3, got {self.channels}")
 
     def shape(self) -> tuple[int, int]:
-        """``(channels, size)`` the data set will have, known without reading it."""
+        """``(channels, size)`` the data set will have, known without reading it (for a
+        latent cache, from its ``index.json``)."""
+        if self.latents is not None:
+            return _latent_shape(self.latents)
         if self.dataset == "digits":
             return 1, 8
         if self.dataset == "mnist":
@@ -126,6 +134,34 @@ class DataSection:
         if self.dataset == "shapes":
             return 3, (self.image_size or 64)
         return (self.channels or 3), (self.image_size or 0)
+
+
+def _latent_shape(path: str) -> tuple[int, int]:
+    import json
+    from pathlib import Path
+
+    index = Path(path).expanduser() / "index.json"
+    try:
+        shape = json.loads(index.read_text())["shape"]
+    except (OSError, ValueError, KeyError, TypeError):
+        raise ConfigError(f"data.latents: {index} is missing or unreadable (write the cache with flowdit "
+                          "autoencoder encode)") from None
+    return int(shape[0]), int(shape[1])
+
+
+@dataclass
+class TextSection:
+    """Text conditioning (:mod:`flowdit.train.conditioning`): ``encoder`` set trains a
+    text-conditioned model (an MMDiT) on the data's captions, one paraphrase drawn per item
+    and step; ``flow.label_dropout`` is then the probability of the empty prompt."""
+
+    encoder: Optional[str] = _key(None, "minilm, hash or a local transformers folder (null: class labels)")
+    max_length: int = _key(32, "text tokens per prompt")
+    cache_dir: str = _key("text_cache", "where caption encodings are cached; relative to the working directory")
+
+    def validate(self) -> None:
+        if self.max_length < 2:
+            raise ConfigError(f"text.max_length must be >= 2, got {self.max_length}")
 
 
 @dataclass
@@ -217,6 +253,7 @@ class CoreConfig:
     out_dir: str = _key("runs", "directory holding the runs; relative to the working directory")
     model: ModelSection = _key(factory=ModelSection)
     data: DataSection = _key(factory=DataSection)
+    text: TextSection = _key(factory=TextSection)
     flow: FlowSection = _key(factory=FlowSection)
     optim: OptimSection = _key(factory=OptimSection)
     train: TrainSection = _key(factory=TrainSection)
@@ -231,6 +268,17 @@ class CoreConfig:
         if not self.out_dir:
             raise ConfigError("out_dir must not be empty")
         check_objectives(self)
+        from ..models.mmdit_configs import MMDIT_CONFIGS
+
+        text_model = self.model.name in MMDIT_CONFIGS
+        if text_model and not self.text.encoder:
+            raise ConfigError(f"model.name {self.model.name} is text-conditioned: set text.encoder (minilm, hash "
+                              "or a local transformers folder)")
+        if self.text.encoder and not text_model:
+            raise ConfigError(f"text.encoder is set but model.name {self.model.name} is class-conditional; choose "
+                              f"a text-conditioned model ({', '.join(MMDIT_CONFIGS)})")
+        if self.text.encoder and self.data.pairs:
+            raise ConfigError("data.pairs (reflow couplings) carry class labels; text conditioning does not take them")
         channels, size = self.data.shape()
         if size:  # a folder without data.image_size is refused when the data set is built
             from ..models.registry import model_config
@@ -250,7 +298,8 @@ class CoreConfig:
         return dataclasses.replace(
             self,
             data=dataclasses.replace(self.data, root=absolute_path(self.data.root),
-                                     pairs=absolute_path(self.data.pairs)),
+                                     pairs=absolute_path(self.data.pairs), latents=absolute_path(self.data.latents)),
+            text=dataclasses.replace(self.text, cache_dir=absolute_path(self.text.cache_dir)),
             train=dataclasses.replace(self.train, init_from=absolute_path(self.train.init_from)),
             **sections,
         )

@@ -51,6 +51,7 @@ from .checkpoint import (
     save_checkpoint,
     verify_checkpoint,
 )
+from .conditioning import build_conditioning
 from .config import RESUME_FREE_KEYS, RunConfig
 from .objectives import StepDraws, build_objective
 
@@ -195,12 +196,12 @@ class Trainer:
             )
         self.micro_batch = tc.batch_size // (world * tc.grad_accum)
 
-        self.dataset = build_dataset(cfg.data.dataset, root=cfg.data.root, split="train",
-                                     image_size=cfg.data.image_size, channels=cfg.data.channels)
+        self.dataset = self._load_data()
         C, H, W = self.dataset.shape
         self.pairs = self._load_pairs(cfg.data.pairs) if cfg.data.pairs else None
         torch.manual_seed(tc.seed)  # identical initial weights on every process
         self.model: DiT = build_model(cfg.model.name, H, C, self.dataset.num_classes, **cfg.model.overrides()).to(self.device)
+        self.conditioning = build_conditioning(cfg, self.dataset, self.model, progress=self.progress)
         if tc.init_from and not resume:
             self._init_from(tc.init_from)
         self.model.grad_checkpointing = tc.grad_checkpoint
@@ -221,6 +222,20 @@ class Trainer:
         fwd = self.ddp if self.ddp is not None else self.model
         self.forward = compiled_or_eager(fwd) if tc.compile else fwd
 
+    def _load_data(self):
+        """The training data: a latent cache (``data.latents``) or the named image data set."""
+        cfg = self.cfg
+        if cfg.data.latents:
+            from ..data.latent_cache import load_latent_cache
+
+            return load_latent_cache(cfg.data.latents)
+        if cfg.data.dataset == "shapes" and cfg.data.num_items:
+            from ..data.shapes import load_shapes
+
+            return load_shapes("train", cfg.data.image_size, n=cfg.data.num_items)
+        return build_dataset(cfg.data.dataset, root=cfg.data.root, split="train",
+                             image_size=cfg.data.image_size, channels=cfg.data.channels)
+
     def close(self) -> None:
         """Release this trainer's hold on the run directory's lock (idempotent)."""
         if getattr(self, "_lock", None) is not None:
@@ -233,12 +248,19 @@ class Trainer:
     # -- state ------------------------------------------------------------------------
 
     def meta(self) -> dict:
-        return {
+        out = {
             "config": to_dict(self.cfg),
             "model_config": self.model.config_dict(),
+            "model_class": type(self.model).__name__,
             "data": {"name": self.dataset.name, "shape": list(self.dataset.shape),
                      "num_classes": self.dataset.num_classes, "class_names": list(self.dataset.class_names)},
         }
+        if getattr(self.dataset, "meta", None):  # a latent cache: the autoencoder that decodes samples
+            out["latents"] = self.dataset.meta
+        if self.conditioning.kind == "text":
+            out["text"] = {"encoder": self.cfg.text.encoder, "identity": self.conditioning.encoder.identity,
+                           "max_length": self.cfg.text.max_length}
+        return out
 
     def save(self) -> Path:
         """Write a checkpoint of the current step (main process only). Weights holding a
@@ -423,6 +445,7 @@ class Trainer:
         draws = StepDraws(step=step, eps=eps, t=t, seed=tc.seed)
         extras = self.objective.draw(draws, g)
         t = draws.t
+        cond_draws = self.conditioning.draw(step, tc.seed, G)
         share = G // self.dist.world_size
         lo = self.dist.rank * share
         sl = slice(lo, lo + share)
@@ -432,7 +455,7 @@ class Trainer:
         else:
             (x0, y), z = self.dataset.batch(idx[sl]), eps[sl]
         x0, z = self.objective.couple(step, x0, z, eps[sl], extras)
-        y = torch.where(drop[sl], torch.full_like(y, self.model.null_class), y)
+        y = self.conditioning.condition(idx[sl], y, drop[sl], None if cond_draws is None else cond_draws[sl])
         dev = self.device
         return {"x0": x0.to(dev), "y": y.to(dev), "eps": z.to(dev), "t": t[sl].to(dev), "idx": idx[sl],
                 "extras": {k: v.to(dev) for k, v in extras.items()}}
@@ -573,7 +596,13 @@ class Trainer:
 
     @torch.no_grad()
     def sample_grid(self, path: Path, per_class: int = 8) -> None:
-        """A grid of EMA samples, one row per class, from a fixed noise seed."""
+        """A grid of EMA samples, one row per class (per prompt for a text model), from a
+        fixed noise seed."""
+        if self.conditioning.kind == "text":
+            from .text_outputs import save_prompt_grid
+
+            save_prompt_grid(self, path)
+            return
         from .outputs import sample_classes
         from ..utils.images import save_grid_png
 
