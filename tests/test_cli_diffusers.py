@@ -233,7 +233,8 @@ REFUSALS = [
     (["sample", "--diffusers", "{root}/unet", "--prompt", "x"] + OUT, "StableDiffusionPipeline"),
     (["sample", "--diffusers", "{root}/notext", "--prompt", "x"] + OUT, "text_encoder"),
     (["sample", "--prompt", "a cat"] + OUT, "--prompt"),
-    (["sample", "--ckpt", "{root}/run", "--prompts", "{root}/prompts.txt"] + OUT, "--prompts"),
+    # --prompts with --ckpt samples a text-to-image run; a missing run is named.
+    (["sample", "--ckpt", "{root}/run", "--prompts", "{root}/prompts.txt"] + OUT, "{root}/run"),
     (["sample", "--ckpt", "{root}/run", "--height", "64"] + OUT, "--height"),
     (["sample"] + OUT, "--ckpt"),
     (D + ["--ckpt", "{root}/run"] + OUT, "--ckpt"),
