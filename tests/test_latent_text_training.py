@@ -146,3 +146,34 @@ def test_autoencoder_cli_trains_encodes_and_a_text_run_samples(tmp_path, capsys)
     assert f["arr_0"].shape == (4, 32, 32, 3) and list(f["prompts"]) == ["a red circle"] * 2 + ["a blue star"] * 2
     assert main(["sample", "--ckpt", str(run / "t2i"), "--steps", "2", "--out", str(tmp_path / "x.png")]) == 2
     assert "text-conditioned run" in capsys.readouterr().err
+
+
+def test_edit_cli_takes_prompts_for_a_text_run_and_refuses_mixtures(tmp_path, capsys):
+    run = tmp_path / "runs"
+    assert main(["autoencoder", "train", "--no-progress", f"out_dir={run}", "name=ae", "data.train_size=8",
+                 "data.image_size=32", "model.block_out_channels=[8,16,16]", "model.norm_num_groups=8",
+                 "loss.perceptual=0", "train.steps=1", "train.batch_size=4", "train.eval_size=2"]) == 0
+    assert main(["autoencoder", "encode", "--autoencoder", str(run / "ae"), "--n", "8", "--image-size", "32",
+                 "--out", str(tmp_path / "c"), "--no-progress"]) == 0
+    assert main(["train", "--no-progress", "--no-outputs", f"out_dir={run}", "name=t2i", "model.name=MMDiT-hash-tiny",
+                 "data.dataset=shapes", f"data.latents={tmp_path / 'c'}", "text.encoder=hash",
+                 f"text.cache_dir={tmp_path / 'tc'}", "train.steps=1", "train.batch_size=4"]) == 0
+    from PIL import Image
+
+    from flowdit.data.shapes import make_scene
+
+    Image.fromarray(make_scene(0, "test", height=32, width=32).image.transpose(1, 2, 0)).save(tmp_path / "in.png")
+    base = ["edit", "--ckpt", str(run / "t2i"), "--input", str(tmp_path / "in.png"), "--steps", "2"]
+    assert main(base + ["--source-prompt", "a red circle", "--target-prompt", "a blue circle", "--cfg", "2",
+                        "--out", str(tmp_path / "e.npz")]) == 0
+    import numpy as np
+
+    assert np.load(tmp_path / "e.npz")["arr_0"].shape == (1, 32, 32, 3)
+    capsys.readouterr()
+    for extra, names in ((["--target", "1", "--target-prompt", "x"], "one of the two"),
+                         (["--source", "1", "--target-prompt", "x"], "--source-prompt"),
+                         (["--source-prompt", "x", "--target", "1"], "--source-prompt needs --target-prompt")):
+        assert main(base + extra + ["--out", str(tmp_path / "f.png")]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and names in err[0], err
+    assert not (tmp_path / "f.png").exists()

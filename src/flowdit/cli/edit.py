@@ -164,6 +164,14 @@ def cmd_edit(args: argparse.Namespace) -> int:
             policy = build_policy(args.accel)
         except FlowditError as e:
             raise FlowditError(f"--accel {args.accel!r}: {e}") from None
+    if (args.target is None) == (args.target_prompt is None):
+        raise ConfigError("give --target (a class) or --target-prompt (a text-to-image run), one of the two")
+    if args.target_prompt is not None:
+        if args.source is not None:
+            raise ConfigError("--source is a class; with --target-prompt give --source-prompt")
+        return _edit_text(args, out, policy, eta_steps if args.method == "rf-inversion" else None)
+    if args.source_prompt is not None:
+        raise ConfigError("--source-prompt needs --target-prompt")
     model, device, shift, amp = _setup(args, ((out, "--out"),))
     images, labels = _load_inputs(args.input, model)
     n = len(images)
@@ -187,6 +195,76 @@ def cmd_edit(args: argparse.Namespace) -> int:
         detail = f"gamma {args.gamma}, eta {args.eta} on steps {args.eta_steps}"
     _save_images(out, res.images, target)
     print(f"flowdit: wrote {n} edited images to {out} ({args.method}, {detail}, NFE {res.nfe_invert} + {res.nfe_edit})")
+    return 0
+
+
+def _edit_text(args, out: Path, policy, eta_steps) -> int:
+    """``flowdit edit`` of a text-to-image run: invert under ``--source-prompt`` (default the
+    empty prompt), regenerate under ``--target-prompt``; a latent run encodes the input
+    through its autoencoder first and decodes the edit."""
+    import torch
+
+    from ..data import to_float
+    from ..edit.rf_edit import rf_edit
+    from ..edit.rf_inversion import rf_inversion
+    from ..inference.text import encode_prompts, load_text_run
+    from ..utils.images import load_npz
+    from ..utils.precision import autocast_dtype
+
+    _check_solver(args.solver, adaptive=False)
+    _check_writable(out, "--out")
+    device = _device(args)
+    torch.manual_seed(args.seed)
+    try:
+        run = load_text_run(args.ckpt, use_ema=not args.no_ema)
+    except ConfigError as e:
+        raise ConfigError(f"--ckpt {args.ckpt}: {e} (--target-prompt given)") from None
+    c, h, w = run.shape
+    factor = run.space.factor if run.space is not None else 1
+    size = (h * factor, w * factor)
+    src = Path(args.input)
+    if not src.is_file():
+        raise ConfigError(f"input file {src} does not exist")
+    if src.suffix == ".npz":
+        images, _ = load_npz(src)
+    elif src.suffix.lower() == ".png":
+        import numpy as np
+        from PIL import Image, UnidentifiedImageError
+
+        try:
+            with Image.open(src) as im:
+                im = im.convert("RGB")
+                if im.size != (size[1], size[0]):
+                    im = im.resize((size[1], size[0]), Image.Resampling.LANCZOS)
+                arr = np.array(im, dtype=np.uint8)
+        except (UnidentifiedImageError, OSError) as exc:
+            raise ConfigError(f"{src}: not a readable PNG ({exc})") from None
+        images = to_float(torch.from_numpy(arr).permute(2, 0, 1)[None].contiguous())
+    else:
+        raise ConfigError(f"--input must be a .png image or an .npz (ADM layout), got {src.name!r}")
+    if tuple(images.shape[1:]) != (3, *size):
+        raise ConfigError(f"{src}: images are {tuple(images.shape[1:])} (C, H, W) but the run generates {(3, *size)}")
+    n = len(images)
+    x = run.space.encode(images) if run.space is not None else images
+    source = encode_prompts(run.encoder, [args.source_prompt or ""] * n)
+    target = encode_prompts(run.encoder, [args.target_prompt] * n)
+    negative = encode_prompts(run.encoder, [""] * n)
+    shift = run.shift if args.shift is None else args.shift
+    amp = autocast_dtype(args.precision, device)
+    run.model.to(device)
+    if args.method == "rf-edit":
+        blocks = [int(b) for b in args.blocks.split(",")] if args.blocks else None
+        res = rf_edit(run.model, x, source, target, args.inject, args.solver, args.steps, shift, blocks, args.cfg,
+                      amp, args.batch_size, device, policy=policy, negative=negative)
+        detail = f"inject {args.inject}" + ("" if policy is None else f", accel {policy!r}")
+    else:
+        res = rf_inversion(run.model, x, source, target, args.gamma, args.eta, eta_steps, args.solver, args.steps,
+                           shift, args.cfg, args.seed, None, amp, args.batch_size, device, negative=negative)
+        detail = f"gamma {args.gamma}, eta {args.eta} on steps {args.eta_steps}"
+    edited = run.space.decode(res.images) if run.space is not None else res.images
+    _save_images(out, edited.float(), None)
+    print(f"flowdit: wrote {n} edited images to {out} ({args.method}, {detail}, NFE {res.nfe_invert} + "
+          f"{res.nfe_edit}): {args.source_prompt or '(empty prompt)'!r} -> {args.target_prompt!r}")
     return 0
 
 
@@ -270,7 +348,9 @@ def add_parsers(sub) -> None:
                              "controlled forward / reverse ODEs (--gamma, --eta).")
     _edit_common(ed)
     ed.add_argument("--method", choices=["rf-edit", "rf-inversion"], default="rf-edit", help="editing method")
-    ed.add_argument("--target", required=True, help="target class for all images, or a comma list")
+    ed.add_argument("--target", help="target class for all images, or a comma list (class-conditional runs)")
+    ed.add_argument("--target-prompt", help="text-to-image runs: the prompt to edit into")
+    ed.add_argument("--source-prompt", help="text-to-image runs: the prompt of the input (default: the empty prompt)")
     ed.add_argument("--source", help="source class(es) (default: the .npz labels, else the null class)")
     ed.add_argument("--inject", type=_non_negative_int, default=2,
                     help="RF-Edit: steps that inject the recorded values")

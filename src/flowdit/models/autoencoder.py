@@ -152,7 +152,7 @@ class LatentSpace(nn.Module):
         if not os.path.isfile(os.path.join(where, "config.json")):
             raise ConfigError(f"autoencoder folder {where} has no config.json (not a diffusers AutoencoderKL folder)")
         try:
-            vae = AutoencoderKL.from_pretrained(path, subfolder=subfolder, local_files_only=True)
+            vae = AutoencoderKL.from_pretrained(path, subfolder=subfolder, local_files_only=True, low_cpu_mem_usage=False)
         except (OSError, ValueError, EnvironmentError) as err:
             raise ConfigError(f"autoencoder folder {where} could not be loaded: {str(err).splitlines()[0]}") from None
         cfg = vae.config
