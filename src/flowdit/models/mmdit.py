@@ -35,7 +35,7 @@ run unchanged. Docs: docs/mmdit.md.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Iterable, Optional, TypedDict
 
 import torch
@@ -48,6 +48,8 @@ from ..errors import ConfigError
 from .attention import cpu_bf16_training, merge_heads
 from .dit import FinalLayer
 from .layers import Mlp, PatchEmbed, RMSNorm, TimestepEmbedder, modulate, xavier_linears_and_patches
+from .rope_scaling import (ROPE_SCALINGS, TIME_AWARE_SCALINGS, extrapolation_factors, lumina_time,
+                           proportional_attention_scale, scaled_rope_frequencies)
 
 __all__ = [
     "MMDiT",
@@ -126,6 +128,16 @@ class MMDiTConfig:
     ``pos_embed_max_size`` (SD3's ``pos_embed_max_size``) makes the embedding the centre
     crop of a ``max x max`` grid whose positions are scaled by ``input_size / patch /
     max`` (SD3's ``base_size``); ``None`` computes integer positions for the given grid.
+
+    Sampling larger than trained (docs/mmdit.md, "Larger sizes than trained";
+    ``flowdit.models.rope_scaling``): ``rope_scaling`` rescales the RoPE frequencies of the
+    row and column axes for grids larger than ``rope_train_size / patch_size``
+    (``rope_train_size``: the side the model was trained at, ``None`` = ``input_size``):
+    ``"none"`` (default), ``"linear"``, ``"ntk"``, ``"yarn"``, ``"lumina"``,
+    ``"lumina_watershed"`` (switching at Lumina time ``1 - t = rope_watershed``).
+    ``proportional_attn`` scales the attention logits by ``sqrt(log N / log N_0)`` (image
+    tokens ``N``, ``N_0`` at the train size; Lumina-Next). These fields are left out of
+    ``MMDiT.config_dict()`` while at their defaults, so saved configs stay as they were.
     """
 
     input_size: int = 32
@@ -145,6 +157,10 @@ class MMDiTConfig:
     rope_theta: float = 10000.0
     guidance_embed: bool = False
     time_scale: float = 1000.0
+    rope_scaling: str = "none"
+    rope_train_size: Optional[int] = None
+    rope_watershed: float = 0.3
+    proportional_attn: bool = False
 
     def validate(self) -> None:
         """Raise ``ConfigError`` for an inconsistent configuration."""
@@ -169,11 +185,34 @@ class MMDiTConfig:
         if self.pos_embed_max_size is not None and self.pos_embed_max_size < self.input_size // self.patch_size:
             raise ConfigError(f"model.pos_embed_max_size {self.pos_embed_max_size} is smaller than the grid "
                               f"{self.input_size // self.patch_size}")
+        if self.rope_scaling not in ROPE_SCALINGS:
+            raise ConfigError(f"model.rope_scaling must be one of {', '.join(ROPE_SCALINGS)}, got {self.rope_scaling!r}")
+        if self.rope_scaling != "none" and self.pos_embed != "rope":
+            raise ConfigError(f"model.rope_scaling {self.rope_scaling!r} needs pos_embed='rope', got {self.pos_embed!r}")
+        if self.rope_train_size is not None:
+            if isinstance(self.rope_train_size, bool) or not isinstance(self.rope_train_size, int) \
+                    or self.rope_train_size <= 0 or self.rope_train_size % self.patch_size:
+                raise ConfigError(f"model.rope_train_size must be a positive multiple of patch_size "
+                                  f"{self.patch_size}, got {self.rope_train_size!r}")
+        if not 0.0 <= self.rope_watershed <= 1.0:
+            raise ConfigError(f"model.rope_watershed must lie in [0, 1], got {self.rope_watershed!r}")
+        if self.proportional_attn and self.train_grid[0] * self.train_grid[1] < 2:
+            raise ConfigError("model.proportional_attn needs a train grid of at least 2 tokens")
 
     @property
     def head_dim(self) -> int:
         """Channels per attention head, ``hidden_size / num_heads``."""
         return self.hidden_size // self.num_heads
+
+    @property
+    def train_grid(self) -> tuple[int, int]:
+        """The patch grid ``(rows, columns)`` of the train size (``rope_train_size`` or ``input_size``)."""
+        side = (self.input_size if self.rope_train_size is None else self.rope_train_size) // self.patch_size
+        return side, side
+
+
+_EXTRAPOLATION_DEFAULTS = {"rope_scaling": "none", "rope_train_size": None, "rope_watershed": 0.3,
+                           "proportional_attn": False}
 
 
 # -- positions -------------------------------------------------------------------------
@@ -257,23 +296,28 @@ def apply_rope(x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torc
 class JointCall:
     """What every block of one model call shares: the number of text tokens ``n_txt``
     (the joined sequence is ``[txt; img]``), the attention key mask ``[B, 1, 1, L + N]``
-    bool (``None``: every key counts) and the RoPE ``(cos, sin)`` of the joined sequence
-    (``None`` for sin-cos positions)."""
+    bool (``None``: every key counts), the RoPE ``(cos, sin)`` of the joined sequence
+    (``[L + N, Dh]`` each, or ``[B, 1, L + N, Dh]`` for a time-aware scaling with
+    different times in the batch; ``None`` for sin-cos positions) and the softmax scale
+    (``None``: ``1 / sqrt(Dh)``; set by ``proportional_attn``)."""
 
     n_txt: int
     key_mask: Optional[torch.Tensor] = None
     rope: Optional[tuple[torch.Tensor, torch.Tensor]] = None
+    attn_scale: Optional[float] = None
 
 
 def joint_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                    key_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+                    key_mask: Optional[torch.Tensor] = None, scale: Optional[float] = None) -> torch.Tensor:
     """``softmax(q k^T / sqrt(Dh) + mask) v`` over ``[B, H, N, Dh]`` heads (PyTorch SDPA);
-    ``key_mask [B, 1, 1, N]`` bool excludes the keys where it is False. A differentiated bf16
-    call on a CPU runs in fp32 (``flowdit.models.attention.cpu_bf16_training``)."""
+    ``key_mask [B, 1, 1, N]`` bool excludes the keys where it is False; ``scale`` replaces
+    ``1 / sqrt(Dh)`` (proportional attention). A differentiated bf16 call on a CPU runs in
+    fp32 (``flowdit.models.attention.cpu_bf16_training``)."""
+    kw = {} if scale is None else {"scale": scale}
     if not cpu_bf16_training(q):
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=key_mask)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=key_mask, **kw)
     with torch.autocast("cpu", enabled=False):
-        return F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=key_mask).to(q.dtype)
+        return F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=key_mask, **kw).to(q.dtype)
 
 
 def _heads(x: torch.Tensor, qkv: nn.Linear, num_heads: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -304,7 +348,7 @@ class SingleAttention(nn.Module):
             q, k = apply_rope(q, call.rope), apply_rope(k, call.rope)
         if ctx is not None and ctx.hooks.attention:
             q, k, v = attention_hooks(self, q, k, v, ctx)
-        return merge_heads(joint_attention(q, k, v, call.key_mask))
+        return merge_heads(joint_attention(q, k, v, call.key_mask, call.attn_scale))
 
 
 class JointAttention(nn.Module):
@@ -340,7 +384,7 @@ class JointAttention(nn.Module):
             q, k = apply_rope(q, call.rope), apply_rope(k, call.rope)
         if ctx is not None and ctx.hooks.attention:
             q, k, v = attention_hooks(self, q, k, v, ctx)
-        o = merge_heads(joint_attention(q, k, v, call.key_mask))
+        o = merge_heads(joint_attention(q, k, v, call.key_mask, call.attn_scale))
         n = txt.shape[1]
         txt_out = None if self.proj_txt is None else self.proj_txt(o[:, :n])
         return txt_out, self.proj(o[:, n:])
@@ -538,23 +582,57 @@ class MMDiT(nn.Module):
         if self.guidance_embedder is not None and y.get("guidance") is None:
             raise ConfigError("this model embeds a guidance scale: y needs 'guidance' [B] (text_condition(..., guidance=g))")
 
-    def _positions(self, h: int, w: int, n_txt: int, device: torch.device):
-        """Sin-cos ``[1, N, D]`` or RoPE ``(cos, sin)`` of ``[txt; img]``, cached per shape and device."""
-        key = (h, w, n_txt if self.config.pos_embed == "rope" else 0, str(device))
+    def _positions(self, h: int, w: int, n_txt: int, device: torch.device, t: Optional[float] = None):
+        """Sin-cos ``[1, N, D]`` or RoPE ``(cos, sin)`` of ``[txt; img]``, cached per shape, device
+        and scaling (for a time-aware scaling, ``t`` is the call's time)."""
+        cfg = self.config
+        method = cfg.rope_scaling if cfg.pos_embed == "rope" else "none"
+        factors = extrapolation_factors(method, (h, w), cfg.train_grid)
+        if method != "none" and all(f == 1.0 for f in factors):
+            method = "none"  # not larger than trained: the trained frequencies
+        if method == "lumina":
+            return self._rope(h, w, n_txt, device, method, factors, t)  # every time differs: not cached
+        phase = lumina_time(t) < cfg.rope_watershed if method == "lumina_watershed" else None
+        key = (h, w, n_txt if cfg.pos_embed == "rope" else 0, str(device))
+        if method != "none":
+            key += (method, factors, cfg.train_grid, phase)
         hit = self._pos_cache.get(key)
         if hit is not None:
             return hit
-        cfg = self.config
         if cfg.pos_embed == "sincos":
             out = sincos_pos_embed_grid(cfg.hidden_size, h, w, cfg.pos_embed_max_size,
                                         cfg.input_size // cfg.patch_size).unsqueeze(0).to(device)
-        else:
+        elif method == "none":
             ids = torch.cat([torch.zeros(n_txt, 3), image_position_ids(h, w)], dim=0)
             out = tuple(f.to(device) for f in rope_frequencies(ids, cfg.axes_dims, cfg.rope_theta))
+        else:
+            out = self._rope(h, w, n_txt, device, method, factors, t)
         if len(self._pos_cache) >= 16:
             self._pos_cache.clear()
         self._pos_cache[key] = out
         return out
+
+    def _rope(self, h: int, w: int, n_txt: int, device: torch.device, method: str, factors: tuple[float, ...],
+              t: Optional[float]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The rescaled RoPE ``(cos, sin)`` ``[L + N, Dh]`` of ``[txt; img]`` (``rope_scaling``)."""
+        cfg = self.config
+        ids = torch.cat([torch.zeros(n_txt, 3), image_position_ids(h, w)], dim=0)
+        rope = scaled_rope_frequencies(ids, cfg.axes_dims, cfg.rope_theta, method, factors, cfg.train_grid, t,
+                                       cfg.rope_watershed)
+        return tuple(f.to(device) for f in rope)
+
+    def _call_positions(self, h: int, w: int, n_txt: int, device: torch.device, t: torch.Tensor):
+        """``_positions`` for a call at times ``t [B]``: a time-aware RoPE scaling with several
+        times in the batch gives ``(cos, sin)`` ``[B, 1, L + N, Dh]``, one row per sample."""
+        cfg = self.config
+        if cfg.pos_embed != "rope" or cfg.rope_scaling not in TIME_AWARE_SCALINGS:
+            return self._positions(h, w, n_txt, device)
+        times = t.detach().float().cpu().tolist()
+        distinct = sorted(set(times))
+        if len(distinct) == 1:
+            return self._positions(h, w, n_txt, device, distinct[0])
+        per = {s: self._positions(h, w, n_txt, device, s) for s in distinct}
+        return tuple(torch.stack([per[s][i] for s in times])[:, None] for i in range(2))
 
     def embed(self, x: torch.Tensor, t: torch.Tensor, y: dict) -> tuple[torch.Tensor, torch.Tensor, JointCall]:
         """The joined tokens ``[txt; img]`` ``[B, L + N, D]``, the activated conditioning
@@ -573,7 +651,7 @@ class MMDiT(nn.Module):
             g = torch.as_tensor(y["guidance"], device=x.device, dtype=torch.float32)
             c = c + self.guidance_embedder(g.expand(B) if g.ndim == 0 else g)
         n_txt = txt.shape[1]
-        pos = self._positions(h, w, n_txt, x.device)
+        pos = self._call_positions(h, w, n_txt, x.device, t)
         rope = None
         if self.config.pos_embed == "sincos":
             img = img + pos.to(img.dtype)
@@ -584,7 +662,11 @@ class MMDiT(nn.Module):
         if mask is not None:
             key_mask = torch.cat([mask.to(device=x.device, dtype=torch.bool),
                                   torch.ones(B, h * w, device=x.device, dtype=torch.bool)], dim=1)[:, None, None]
-        return torch.cat([txt, img], dim=1), F.silu(c), JointCall(n_txt, key_mask, rope)
+        attn_scale = None
+        if self.config.proportional_attn:
+            th, tw = self.config.train_grid
+            attn_scale = proportional_attention_scale(h * w, th * tw, self.config.head_dim)
+        return torch.cat([txt, img], dim=1), F.silu(c), JointCall(n_txt, key_mask, rope, attn_scale)
 
     def run_blocks(self, tokens: torch.Tensor, c_act: torch.Tensor, ctx: Optional[StepContext] = None) -> torch.Tensor:
         """Run the block stack over ``tokens [B, L + N, D]`` (inside ``forward``). A block
@@ -676,5 +758,24 @@ class MMDiT(nn.Module):
 
     def config_dict(self) -> dict:
         """The ``MMDiTConfig`` as a plain JSON-shaped dict (tuples as lists), as saved with
-        checkpoints, so a saved config compares equal to the model's."""
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self.config).items()}
+        checkpoints, so a saved config compares equal to the model's. The sampling-time
+        extrapolation fields (``rope_scaling``, ``rope_train_size``, ``rope_watershed``,
+        ``proportional_attn``) appear only when they differ from their defaults, so configs
+        saved before they existed still compare equal."""
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self.config).items()
+                if not (k in _EXTRAPOLATION_DEFAULTS and v == _EXTRAPOLATION_DEFAULTS[k])}
+
+    def set_extrapolation(self, rope_scaling: Optional[str] = None, rope_train_size: Optional[int] = None,
+                          proportional_attn: Optional[bool] = None, rope_watershed: Optional[float] = None) -> "MMDiT":
+        """Choose how to sample larger than trained (the ``MMDiTConfig`` fields of the same
+        names; ``None`` keeps a field), validated; clears the position cache. Returns the model."""
+        from dataclasses import replace
+
+        changes = {k: v for k, v in dict(rope_scaling=rope_scaling, rope_train_size=rope_train_size,
+                                         proportional_attn=proportional_attn,
+                                         rope_watershed=rope_watershed).items() if v is not None}
+        config = replace(self.config, **changes)
+        config.validate()
+        self.config = config
+        self._pos_cache.clear()
+        return self
