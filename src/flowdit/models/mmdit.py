@@ -186,9 +186,11 @@ class MMDiTConfig:
             raise ConfigError(f"model.pos_embed_max_size {self.pos_embed_max_size} is smaller than the grid "
                               f"{self.input_size // self.patch_size}")
         if self.rope_scaling not in ROPE_SCALINGS:
-            raise ConfigError(f"model.rope_scaling must be one of {', '.join(ROPE_SCALINGS)}, got {self.rope_scaling!r}")
+            raise ConfigError(f"model.rope_scaling must be one of {', '.join(ROPE_SCALINGS)}, "
+                              f"got {self.rope_scaling!r}")
         if self.rope_scaling != "none" and self.pos_embed != "rope":
-            raise ConfigError(f"model.rope_scaling {self.rope_scaling!r} needs pos_embed='rope', got {self.pos_embed!r}")
+            raise ConfigError(f"model.rope_scaling {self.rope_scaling!r} needs pos_embed='rope', "
+                              f"got {self.pos_embed!r}")
         if self.rope_train_size is not None:
             if isinstance(self.rope_train_size, bool) or not isinstance(self.rope_train_size, int) \
                     or self.rope_train_size <= 0 or self.rope_train_size % self.patch_size:
@@ -769,8 +771,6 @@ class MMDiT(nn.Module):
                           proportional_attn: Optional[bool] = None, rope_watershed: Optional[float] = None) -> "MMDiT":
         """Choose how to sample larger than trained (the ``MMDiTConfig`` fields of the same
         names; ``None`` keeps a field), validated; clears the position cache. Returns the model."""
-        from dataclasses import replace
-
         changes = {k: v for k, v in dict(rope_scaling=rope_scaling, rope_train_size=rope_train_size,
                                          proportional_attn=proportional_attn,
                                          rope_watershed=rope_watershed).items() if v is not None}

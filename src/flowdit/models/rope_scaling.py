@@ -16,11 +16,11 @@ length over train length along that axis). Notation: ``w_i`` the trained frequen
   "ntk-aware"``, ``find_newbase_ntk``) with one factor per axis (``decouple=True``, as
   FiTv2's high-resolution configs ``configs/fitv2/config_fitv2_hr_*.yaml`` set it).
 * ``"yarn"``, YaRN's NTK-by-parts ramp (Peng et al. 2023, "YaRN: Efficient Context
-  Window Extension of Large Language Models") and its attention temperature
-  ``sqrt(1/t) = 0.1 ln s + 1``, as FiTv2's *VisionYaRN* computes them (``custom_freqs="yarn"``: ``find_correction_range`` with
-  ``beta_fast = 32``, ``beta_slow = 1`` and the train grid side as the context length,
-  ``linear_ramp_mask``, ``get_mscale``; the temperature multiplies ``cos`` and ``sin``,
-  hence every query and key).
+  Window Extension of Large Language Models") and its attention temperature ``T``,
+  ``sqrt(1/T) = 0.1 ln s + 1``, as FiTv2's *VisionYaRN* computes them
+  (``custom_freqs="yarn"``: ``find_correction_range`` with ``beta_fast = 32``,
+  ``beta_slow = 1`` and the train grid side as the context length, ``linear_ramp_mask``,
+  ``get_mscale``; the factor multiplies ``cos`` and ``sin``, hence every query and key).
 * ``"lumina"``, Lumina-Next's time-aware scaled RoPE (Zhuo et al. 2024, "Lumina-Next:
   Making Lumina-T2X Stronger and Faster with Next-DiT", the resolution-extrapolation
   section), as first released
