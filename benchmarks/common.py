@@ -19,3 +19,26 @@ def write_results(name: str, payload: dict, table: str, out: Path = RESULTS) -> 
     """Write ``<out>/<name>.json`` and ``<name>.md`` (``out`` defaults to
     ``benchmarks/results``), each atomically; returns the .md path."""
     return report.write_results(name, payload, table, out)
+
+
+def pct(v) -> str:
+    """A fraction as a percentage with one decimal, ``-`` for None."""
+    return "-" if v is None else f"{100 * v:.1f}"
+
+
+def markdown_table(header: str, rows: list[str]) -> str:
+    """A Markdown table from its header line ``| a | b |`` and its row lines."""
+    return "\n".join([header, "|" + "---|" * (header.count("|") - 1), *rows])
+
+
+def finish(name: str, script: str, argv, payload: dict, table: str, write: bool = True) -> None:
+    """Print ``table``; unless ``write`` is off, write ``<name>.{json,md}`` with the command
+    that reproduces it (``python benchmarks/<script> ARGS``) and the machine in the payload."""
+    import shlex
+    import sys
+
+    print(table)
+    if write:
+        args = sys.argv[1:] if argv is None else argv
+        payload = {"command": f"python benchmarks/{script} " + shlex.join(args), "machine": machine_info(), **payload}
+        write_results(name, payload, table + "\n")

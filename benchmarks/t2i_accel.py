@@ -15,14 +15,12 @@ Writes ``benchmarks/results/<name>.{json,md}``.
 from __future__ import annotations
 
 import argparse
-import shlex
 import statistics
-import sys
 import time
 
 import torch
 
-from common import machine_info, write_results
+from common import finish, markdown_table, pct
 from flowdit.accel import build_policy
 from flowdit.eval.shapes_judge import score, summarise
 from flowdit.inference.text import generate_from_prompts, load_text_run
@@ -34,10 +32,6 @@ from flowdit.utils.precision import autocast_dtype
 PLANS = ["none", "steps:20", "steps:14", "steps:10", "fora:interval=2,cache=stack", "fora:interval=3,cache=stack",
          "taylorseer:interval=3,order=1,cache=stack", "taylorseer:interval=4,order=2,cache=stack",
          "teacache:threshold=0.1", "teacache:threshold=0.2", "fbcache:threshold=0.1"]
-
-
-def pct(v):
-    return "-" if v is None else f"{100 * v:.1f}"
 
 
 def main(argv=None) -> int:
@@ -93,19 +87,16 @@ def main(argv=None) -> int:
                      "speedup": base / med if base else None,
                      "full_call_fraction": calls[p][0] / calls[p][1] if calls[p][1] else 1.0})
     head = "| plan | exact | colour | shape | size | relation | count | full calls | s / image | speed-up |"
-    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    lines = []
     for r in rows:
         j = r["judge"]
         speed = "-" if r["speedup"] is None else f"{r['speedup']:.2f}x"
         lines.append(f"| {r['plan']} | {pct(j['exact'])} | {pct(j['colour'])} | {pct(j['shape'])} | {pct(j['size'])} | "
                      f"{pct(j['relation'])} | {pct(j['count'])} | {r['full_call_fraction']:.2f} | "
                      f"{r['median_seconds'] / len(prompts):.3f} | {speed} |")
-    table = "\n".join(lines)
-    print(table)
-    if not args.no_write:
-        payload = {"command": "python benchmarks/t2i_accel.py " + shlex.join(sys.argv[1:] if argv is None else argv),
-                   "machine": machine_info(), "steps": args.steps, "cfg": args.cfg, "n": args.n, "rows": rows}
-        write_results(args.name, payload, table + "\n")
+    table = markdown_table(head, lines)
+    payload = {"steps": args.steps, "cfg": args.cfg, "n": args.n, "rows": rows}
+    finish(args.name, "t2i_accel.py", argv, payload, table, not args.no_write)
     return 0
 
 

@@ -21,15 +21,13 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import shlex
-import sys
 import time
 
 import numpy as np
 import torch
 from scipy import ndimage
 
-from common import machine_info, write_results
+from common import finish, markdown_table, pct
 from flowdit.data.shapes import COLOURS, HELDOUT_PAIRS, captions, make_scene
 from flowdit.edit.rf_edit import rf_edit
 from flowdit.edit.rf_inversion import rf_inversion
@@ -63,10 +61,6 @@ def background_psnr(src: np.ndarray, edited: torch.Tensor, masks: np.ndarray) ->
     a = torch.from_numpy(src).float() / 127.5 - 1
     mse = float(((a - edited.clamp(-1, 1)) ** 2)[:, torch.from_numpy(keep)].mean())
     return 10 * np.log10(4.0 / max(mse, 1e-12))
-
-
-def pct(v):
-    return "-" if v is None else f"{100 * v:.1f}"
 
 
 def main(argv=None) -> int:
@@ -128,18 +122,15 @@ def main(argv=None) -> int:
               f"bg PSNR {row['background_psnr']:.2f}", flush=True)
     head = ("| method | injected steps | target exact | source exact | recoloured | target colour | target shape "
             "| target relation | background PSNR (dB) | s / image |")
-    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    lines = []
     for r in rows:
         lines.append(f"| {r['method']} | {'-' if r['inject'] is None else r['inject']} | {pct(r['target']['exact'])} | "
                      f"{pct(r['source']['exact'])} | {pct(r['recoloured'])} | {pct(r['target']['colour'])} | "
                      f"{pct(r['target']['shape'])} | {pct(r['target']['relation'])} | {r['background_psnr']:.2f} | "
                      f"{r['seconds_per_image']:.3f} |")
-    table = "\n".join(lines)
-    print(table)
-    if not args.no_write:
-        payload = {"command": "python benchmarks/t2i_edit.py " + shlex.join(sys.argv[1:] if argv is None else argv),
-                   "machine": machine_info(), "steps": args.steps, "cfg": args.cfg, "n": args.n, "rows": rows}
-        write_results(args.name, payload, table + "\n")
+    table = markdown_table(head, lines)
+    payload = {"steps": args.steps, "cfg": args.cfg, "n": args.n, "rows": rows}
+    finish(args.name, "t2i_edit.py", argv, payload, table, not args.no_write)
     return 0
 
 

@@ -14,20 +14,14 @@ scales at the largest step count. Writes ``benchmarks/results/<name>.{json,md}``
 from __future__ import annotations
 
 import argparse
-import shlex
-import sys
 import time
 
 import torch
 
-from common import machine_info, write_results
+from common import finish, markdown_table, pct
 from flowdit.inference.text import load_text_run
 from flowdit.train.text_outputs import evaluation_prompts, judge_prompts
 from flowdit.utils.precision import autocast_dtype
-
-
-def pct(v):
-    return "-" if v is None else f"{100 * v:.1f}"
 
 
 def main(argv=None) -> int:
@@ -64,7 +58,7 @@ def main(argv=None) -> int:
               f"[{time.perf_counter() - t0:.0f} s]", flush=True)
     head = ("| solver | steps | NFE | CFG | exact | 1 obj | 2 obj | 3 obj | colour | shape | size | relation "
             "| count | held-out exact | held-out 1 / 2 / 3 obj | s / image |")
-    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    lines = []
     for r in rows:
         a, h = r["test"], r["heldout"]
         lines.append(
@@ -74,13 +68,10 @@ def main(argv=None) -> int:
             f"{pct(a['relation'])} | {pct(a['count'])} | {pct(h['exact'])} | "
             f"{pct(h.get('objects_1', {}).get('exact'))} / {pct(h.get('objects_2', {}).get('exact'))} / "
             f"{pct(h.get('objects_3', {}).get('exact'))} | {r['seconds_per_image']:.3f} |")
-    table = "\n".join(lines)
-    print(table)
-    if not args.no_write:
-        payload = {"command": "python benchmarks/t2i_judge.py " + shlex.join(sys.argv[1:] if argv is None else argv),
-                   "machine": machine_info(), "run_config": run.meta["config"], "rows": rows,
-                   "test_prompts": args.n, "heldout_prompts": args.n_heldout}
-        write_results(args.name, payload, table + "\n")
+    table = markdown_table(head, lines)
+    payload = {"run_config": run.meta["config"], "rows": rows, "test_prompts": args.n,
+               "heldout_prompts": args.n_heldout}
+    finish(args.name, "t2i_judge.py", argv, payload, table, not args.no_write)
     return 0
 
 
