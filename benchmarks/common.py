@@ -41,4 +41,19 @@ def finish(name: str, script: str, argv, payload: dict, table: str, write: bool 
     if write:
         args = sys.argv[1:] if argv is None else argv
         payload = {"command": f"python benchmarks/{script} " + shlex.join(args), "machine": machine_info(), **payload}
-        write_results(name, payload, table + "\n")
+        write_results(name, relative_paths(payload), table + "\n")
+
+
+def relative_paths(obj):
+    """``obj`` with every absolute path under the working directory made relative to it
+    (a result file names no machine's directories)."""
+    import os
+
+    if isinstance(obj, dict):
+        return {k: relative_paths(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [relative_paths(v) for v in obj]
+    if isinstance(obj, str) and os.path.isabs(obj):
+        rel = os.path.relpath(obj)
+        return obj if rel.startswith("..") else rel
+    return obj
