@@ -43,7 +43,7 @@ def main(argv=None) -> int:
     ap.add_argument("--solver", default="euler")
     ap.add_argument("--batch", type=int, default=50)
     ap.add_argument("--rounds", type=int, default=2)
-    ap.add_argument("--plans", default=",".join(PLANS).replace(",", ";"), help="';'-separated plans")
+    ap.add_argument("--plans", default=";".join(PLANS), help="';'-separated plans")
     ap.add_argument("--name", default="t2i_accel")
     ap.add_argument("--no-write", action="store_true")
     args = ap.parse_args(argv)
