@@ -177,3 +177,22 @@ def test_edit_cli_takes_prompts_for_a_text_run_and_refuses_mixtures(tmp_path, ca
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and names in err[0], err
     assert not (tmp_path / "f.png").exists()
+
+
+def test_autoencoder_resume_equals_an_uninterrupted_run(tmp_path):
+    def cfg(name, steps):
+        return from_dict(AutoencoderRunConfig, {
+            "name": name, "out_dir": str(tmp_path), "data": {"train_size": 6, "image_size": 32},
+            "model": {"block_out_channels": [8, 16], "norm_num_groups": 8}, "loss": {"perceptual": 0},
+            "train": {"steps": steps, "batch_size": 4, "ckpt_every": 2, "eval_size": 2, "log_every": 1}})
+
+    full = AutoencoderTrainer(cfg("full", 4), progress=False)
+    full.fit()
+    AutoencoderTrainer(cfg("part", 2), progress=False).fit()
+    resumed = AutoencoderTrainer(cfg("part", 4), resume=True, progress=False)
+    assert resumed.step == 2
+    resumed.fit()
+    for a, b in zip(full.vae.state_dict().values(), resumed.vae.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    with pytest.raises(ConfigError, match="already holds a run"):
+        AutoencoderTrainer(cfg("full", 4), progress=False)

@@ -10,20 +10,14 @@ from ..errors import ConfigError
 from .common import _check_writable, _positive_int, command
 
 
-def _print_keys() -> None:
-    from ..train.autoencoder import AutoencoderRunConfig
-    from ..utils.config import describe_keys
-
-    for r in describe_keys(AutoencoderRunConfig):
-        print(f"{r['key']:<28}  {r['type']:<24}  {r['default']!s:<16}  {r['help']}")
-
-
 def cmd_autoencoder_train(args: argparse.Namespace) -> int:
     from ..train.autoencoder import AutoencoderRunConfig, AutoencoderTrainer
     from ..utils.config import load_config
 
     if args.list_keys:
-        _print_keys()
+        from .train import _print_keys
+
+        _print_keys(AutoencoderRunConfig)
         return 0
     cfg = load_config(AutoencoderRunConfig, args.config, args.overrides).resolved()
     _check_writable(Path(cfg.out_dir) / cfg.name, "out_dir")
@@ -47,10 +41,18 @@ def cmd_autoencoder_encode(args: argparse.Namespace) -> int:
     if (out / INDEX_NAME).exists():
         raise ConfigError(f"--out {out}: already holds a latent cache; choose another directory")
     _check_writable(out, "--out")
-    space = LatentSpace.from_pretrained(str(folder))  # refused before any image is rendered
     data_cfg = AEDataSection(dataset=args.dataset, root=args.data_root, image_size=args.image_size,
                              train_size=args.n or 20000, seed=args.seed)
-    data_cfg.validate()
+    try:
+        data_cfg.validate()
+    except ConfigError as e:
+        raise ConfigError(f"--dataset / --image-size: {e}") from None
+    if args.dataset == "shapes":
+        from ..data.shapes import SPLITS
+
+        if args.split not in SPLITS:
+            raise ConfigError(f"--split {args.split!r}: shapes splits are {', '.join(SPLITS)}")
+    space = LatentSpace.from_pretrained(str(folder))  # refused before any image is rendered
     if args.image_size % space.factor:
         raise ConfigError(f"--image-size {args.image_size} is not a multiple of the autoencoder's factor {space.factor}")
     data = load_training_images(data_cfg, args.split, n=args.n)

@@ -24,6 +24,13 @@ from .common import (
 def _load_inputs(path: str, model):
     """Images ``[N, C, H, W]`` in [-1, 1] and labels (or None) from a PNG or an ADM-layout .npz,
     checked against the model's input shape (a PNG of another size is resized)."""
+    S = model.config.input_size
+    return _read_images(path, model.in_channels, S, S, "the model takes")
+
+
+def _read_images(path: str, channels: int, height: int, width: int, what: str):
+    """Images ``[N, channels, height, width]`` in [-1, 1] and labels (or None) from a PNG
+    (resized when of another size) or an ADM-layout .npz (which must be of that shape)."""
     import numpy as np
     import torch
 
@@ -34,7 +41,6 @@ def _load_inputs(path: str, model):
     src = Path(path)
     if not src.is_file():
         raise DataError(f"input file {src} does not exist")
-    C, S = model.in_channels, model.config.input_size
     if src.suffix == ".npz":
         images, labels = load_npz(src)
     elif src.suffix.lower() == ".png":
@@ -42,9 +48,9 @@ def _load_inputs(path: str, model):
 
         try:
             with Image.open(src) as im:
-                im = im.convert("L" if C == 1 else "RGB")
-                if im.size != (S, S):
-                    im = im.resize((S, S), Image.Resampling.LANCZOS)
+                im = im.convert("L" if channels == 1 else "RGB")
+                if im.size != (width, height):
+                    im = im.resize((width, height), Image.Resampling.LANCZOS)
                 arr = np.array(im, dtype=np.uint8)
         except (UnidentifiedImageError, OSError) as exc:
             raise DataError(f"{src}: not a readable PNG ({exc})") from None
@@ -52,8 +58,9 @@ def _load_inputs(path: str, model):
         images, labels = to_float(torch.from_numpy(arr).permute(0, 3, 1, 2).contiguous()), None
     else:
         raise DataError(f"--input must be a .png image or an .npz (ADM layout), got {src.name!r}")
-    if tuple(images.shape[1:]) != (C, S, S):
-        raise DataError(f"{src}: images are {tuple(images.shape[1:])} (C, H, W) but the model takes {(C, S, S)}")
+    if tuple(images.shape[1:]) != (channels, height, width):
+        raise DataError(f"{src}: images are {tuple(images.shape[1:])} (C, H, W) but {what} "
+                        f"{(channels, height, width)}")
     if len(images) == 0:
         raise DataError(f"{src}: holds no images")
     return images, labels
@@ -204,11 +211,9 @@ def _edit_text(args, out: Path, policy, eta_steps) -> int:
     through its autoencoder first and decodes the edit."""
     import torch
 
-    from ..data import to_float
     from ..edit.rf_edit import rf_edit
     from ..edit.rf_inversion import rf_inversion
     from ..inference.text import encode_prompts, load_text_run
-    from ..utils.images import load_npz
     from ..utils.precision import autocast_dtype
 
     _check_solver(args.solver, adaptive=False)
@@ -219,31 +224,10 @@ def _edit_text(args, out: Path, policy, eta_steps) -> int:
         run = load_text_run(args.ckpt, use_ema=not args.no_ema)
     except ConfigError as e:
         raise ConfigError(f"--ckpt {args.ckpt}: {e} (--target-prompt given)") from None
-    c, h, w = run.shape
+    _, h, w = run.shape
     factor = run.space.factor if run.space is not None else 1
     size = (h * factor, w * factor)
-    src = Path(args.input)
-    if not src.is_file():
-        raise ConfigError(f"input file {src} does not exist")
-    if src.suffix == ".npz":
-        images, _ = load_npz(src)
-    elif src.suffix.lower() == ".png":
-        import numpy as np
-        from PIL import Image, UnidentifiedImageError
-
-        try:
-            with Image.open(src) as im:
-                im = im.convert("RGB")
-                if im.size != (size[1], size[0]):
-                    im = im.resize((size[1], size[0]), Image.Resampling.LANCZOS)
-                arr = np.array(im, dtype=np.uint8)
-        except (UnidentifiedImageError, OSError) as exc:
-            raise ConfigError(f"{src}: not a readable PNG ({exc})") from None
-        images = to_float(torch.from_numpy(arr).permute(2, 0, 1)[None].contiguous())
-    else:
-        raise ConfigError(f"--input must be a .png image or an .npz (ADM layout), got {src.name!r}")
-    if tuple(images.shape[1:]) != (3, *size):
-        raise ConfigError(f"{src}: images are {tuple(images.shape[1:])} (C, H, W) but the run generates {(3, *size)}")
+    images, _ = _read_images(args.input, 3, size[0], size[1], "the run generates")
     n = len(images)
     x = run.space.encode(images) if run.space is not None else images
     source = encode_prompts(run.encoder, [args.source_prompt or ""] * n)

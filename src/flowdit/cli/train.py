@@ -23,11 +23,15 @@ def _run_locator(args: argparse.Namespace) -> Path:
     return Path(str(data.get("out_dir", defaults.out_dir))) / str(data.get("name", defaults.name))
 
 
-def _print_keys() -> None:
-    from ..train.config import RunConfig
+def _print_keys(cls=None) -> None:
+    """Every key of a run config class (default :class:`RunConfig`) with its type, default and help."""
     from ..utils.config import describe_keys
 
-    rows = describe_keys(RunConfig)
+    if cls is None:
+        from ..train.config import RunConfig
+
+        cls = RunConfig
+    rows = describe_keys(cls)
     width = max(len(r["key"]) for r in rows)
     twidth = max(len(r["type"]) for r in rows)
     for r in rows:

@@ -228,15 +228,11 @@ class AutoencoderTrainer:
                                {"config": to_dict(self.cfg)}, keep_last=self.cfg.train.keep_ckpts)
 
     def _batch(self, step: int) -> torch.Tensor:
-        # Epoch permutations seeded by (seed, epoch): the batches do not depend on resumes.
-        tc, n = self.cfg.train, len(self.images)
-        pos = torch.arange(step * tc.batch_size, (step + 1) * tc.batch_size)
-        out = torch.empty_like(pos)
-        for e in (pos // n).unique().tolist():
-            perm = torch.randperm(n, generator=seeded_generator(tc.seed, 1, e))
-            sel = pos // n == e
-            out[sel] = perm[pos[sel] % n]
-        return self.images.batch(out)[0]
+        # The trainer's epoch permutations seeded by (seed, epoch): the batches do not depend on resumes.
+        from .trainer import global_batch_indices
+
+        tc = self.cfg.train
+        return self.images.batch(global_batch_indices(step, tc.batch_size, len(self.images), tc.seed))[0]
 
     def fit(self) -> dict:
         try:
