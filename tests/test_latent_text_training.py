@@ -146,6 +146,19 @@ def test_autoencoder_cli_trains_encodes_and_a_text_run_samples(tmp_path, capsys)
     assert f["arr_0"].shape == (4, 32, 32, 3) and list(f["prompts"]) == ["a red circle"] * 2 + ["a blue star"] * 2
     assert main(["sample", "--ckpt", str(run / "t2i"), "--steps", "2", "--out", str(tmp_path / "x.png")]) == 2
     assert "text-conditioned run" in capsys.readouterr().err
+    # Other sizes: latents of H / 4 x W / 4 (the autoencoder's factor), decoded to H x W.
+    assert main(["sample", "--ckpt", str(run / "t2i"), "--prompt", "a red circle", "--height", "48", "--width", "16",
+                 "--steps", "2", "--out", str(out), "--no-progress"]) == 0
+    assert np.load(out)["arr_0"].shape == (1, 48, 16, 3)
+    capsys.readouterr()
+    for extra, message in ((["--height", "30"], "height must be a positive multiple of 8 pixels"),
+                           (["--rope-scaling", "ntk"], "--rope-scaling needs a model with RoPE positions")):
+        assert main(["sample", "--ckpt", str(run / "t2i"), "--prompt", "a red circle", *extra, "--steps", "2",
+                     "--out", str(tmp_path / "y.npz"), "--no-progress"]) == 2
+        assert message in capsys.readouterr().err
+    assert not (tmp_path / "y.npz").exists()
+    assert main(["sample", "--ckpt", str(run / "t2i"), "--height", "64", "--out", str(tmp_path / "y.npz")]) == 2
+    assert "--height applies to prompts" in capsys.readouterr().err
 
 
 def test_edit_cli_takes_prompts_for_a_text_run_and_refuses_mixtures(tmp_path, capsys):

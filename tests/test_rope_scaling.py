@@ -224,3 +224,15 @@ def test_extrapolation_config():
         model.set_extrapolation(rope_train_size=3)
     with pytest.raises(ConfigError):
         build_model("MMDiT-tiny", rope_scaling="ntk")  # sin-cos positions
+
+
+def test_lumina_next_time_shift_is_the_sd3_shift_in_flowdit_time():
+    # Restated: Alpha-VLLM/Lumina-T2X lumina_next_t2i/transport/integrators.py, ``ode.__init__``:
+    # t = linspace(t0, t1, num_steps); t = t / (t + k - k * t), Lumina time (0 noise, 1 data).
+    from flowdit.sampling.schedules import shifted
+
+    for k, n in ((4.0, 30), (6.0, 11), (1.0, 5)):
+        lumina = torch.linspace(0, 1, n, dtype=torch.float64)
+        lumina = lumina / (lumina + k - k * lumina)
+        # num_steps points are num_steps - 1 Euler steps; flowdit's t = 1 - Lumina's.
+        torch.testing.assert_close(shifted(n - 1, k, dtype=torch.float64), 1 - lumina, rtol=0, atol=1e-12)

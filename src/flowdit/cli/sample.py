@@ -27,7 +27,9 @@ from .common import (
 _RUN_ONLY = (("ckpt", "--ckpt"), ("num", "--num"), ("classes", "--classes"),
              ("guidance_interval", "--guidance-interval"), ("shift", "--shift"), ("tol", "--tol"),
              ("no_ema", "--no-ema"))
-_DIFFUSERS_ONLY = (("guidance", "--guidance"), ("height", "--height"), ("width", "--width"))
+_DIFFUSERS_ONLY = (("guidance", "--guidance"),)
+_SIZE_FLAGS = (("height", "--height"), ("width", "--width"), ("rope_scaling", "--rope-scaling"),
+               ("proportional_attn", "--proportional-attn"))
 _PROMPT_FLAGS = (("prompt", "--prompt"), ("prompts", "--prompts"), ("negative_prompt", "--negative-prompt"))
 _RUN_DEFAULTS = {"num": 100, "tol": 1e-4, "batch_size": 256}
 
@@ -42,6 +44,9 @@ def cmd_sample(args: argparse.Namespace) -> int:
         for attr, flag in _RUN_ONLY:
             if _given(args, attr):
                 raise ConfigError(f"{flag} does not apply with --diffusers (it is an option of a flowdit run)")
+        for attr, flag in _SIZE_FLAGS[2:]:
+            if _given(args, attr):
+                raise ConfigError(f"{flag} does not apply with --diffusers (an option of a flowdit RoPE run)")
         from .sample_diffusers import sample_diffusers
 
         return sample_diffusers(args)
@@ -49,6 +54,11 @@ def cmd_sample(args: argparse.Namespace) -> int:
         if _given(args, attr):
             raise ConfigError(f"{flag} needs --diffusers PATH (a diffusers pipeline folder)")
     prompt_flags = [f for a, f in _PROMPT_FLAGS if _given(args, a)]
+    if not prompt_flags:
+        for attr, flag in _SIZE_FLAGS:
+            if _given(args, attr):
+                raise ConfigError(f"{flag} applies to prompts (--ckpt of a text-to-image run with --prompt, "
+                                  "or --diffusers)")
     if args.ckpt is None:
         if prompt_flags:
             raise ConfigError(f"{prompt_flags[0]} needs --ckpt RUN (a text-to-image run) or --diffusers PATH")
@@ -163,6 +173,13 @@ def _sample_text_run(args: argparse.Namespace) -> int:
             accel = build_policy(args.accel)
         except ConfigError as e:
             raise ConfigError(f"--accel {args.accel!r}: {e}") from None
+    for attr, flag in _SIZE_FLAGS[2:]:
+        if _given(args, attr) and getattr(run.model.config, "pos_embed", None) != "rope":
+            raise ConfigError(f"{flag} needs a model with RoPE positions (e.g. FLUX-shapes); --ckpt {args.ckpt} "
+                              "has sin-cos positions")
+    if args.rope_scaling is not None or args.proportional_attn:
+        run.model.set_extrapolation(rope_scaling=args.rope_scaling, proportional_attn=args.proportional_attn or None)
+    run.sample_shape(args.height, args.width)  # a bad size fails before sampling
     device = _device(args)
     if args.shift is not None:
         run.shift = args.shift
@@ -172,7 +189,8 @@ def _sample_text_run(args: argparse.Namespace) -> int:
     imgs, nfe = generate_from_prompts(run, wanted, solver=args.solver, steps=args.steps, cfg_scale=cfg_scale,
                                       seed=args.seed, negative=args.negative_prompt or "",
                                       amp_dtype=autocast_dtype(args.precision, device), accel=accel,
-                                      batch_size=args.batch_size or 64, progress=not args.no_progress)
+                                      batch_size=args.batch_size or 64, progress=not args.no_progress,
+                                      height=args.height, width=args.width)
     out.parent.mkdir(parents=True, exist_ok=True)
     if out.suffix == ".png":
         save_captioned_grid(imgs, wanted, out, nrow=per if per > 1 else min(8, len(wanted)))
@@ -188,6 +206,7 @@ def _sample_text_run(args: argparse.Namespace) -> int:
 def add_parsers(sub) -> None:
     """Register this module's commands on the ``flowdit`` subparsers ``sub``."""
     from ..accel.registry import POLICIES
+    from ..models.rope_scaling import ROPE_SCALINGS
 
     s = command(sub, "sample", help="sample images from a trained run or a diffusers SD3 / FLUX pipeline",
                 description="Sample from a run's EMA weights to a PNG grid or an .npz (ADM layout: "
@@ -209,9 +228,15 @@ def add_parsers(sub) -> None:
     s.add_argument("--guidance", type=_non_negative_float,
                    help="with --diffusers: FLUX-dev's embedded (distilled) guidance scale (default: 3.5; refused "
                         "for SD3 and for FLUX models without the embedding)")
-    s.add_argument("--height", type=_positive_int, help="with --diffusers: image height in pixels, a multiple of "
-                   "the VAE factor times the patch size (default: the pipeline's, 1024 for SD3 / FLUX)")
-    s.add_argument("--width", type=_positive_int, help="with --diffusers: image width in pixels (as --height)")
+    s.add_argument("--height", type=_positive_int, help="with prompts: image height in pixels, a multiple of "
+                   "the VAE factor times the patch size (default: the run's trained size; the pipeline's, "
+                   "1024 for SD3 / FLUX, with --diffusers)")
+    s.add_argument("--width", type=_positive_int, help="with prompts: image width in pixels (as --height)")
+    s.add_argument("--rope-scaling", choices=ROPE_SCALINGS,
+                   help="with prompts on a RoPE run: how positions extend beyond the trained grid "
+                        "(docs/resolution.md; default none)")
+    s.add_argument("--proportional-attn", action="store_true",
+                   help="with prompts on a RoPE run: Lumina-Next's proportional attention (log-scaled by tokens)")
     s.add_argument("--solver", default="heun", help="fixed-step: " + ", ".join(_solvers(adaptive=False))
                    + "; adaptive: " + ", ".join(_solvers()[len(_solvers(adaptive=False)):])
                    + " (fixed-step only with --diffusers)")

@@ -36,6 +36,26 @@ class TextRun:
     shift: float
     meta: dict
 
+    def sample_shape(self, height: Optional[int] = None, width: Optional[int] = None) -> tuple[int, int, int]:
+        """The ``(C, h, w)`` the model samples for images of ``height x width`` pixels
+        (``None``: the trained size). A latent run divides by its autoencoder's factor; both
+        sides must be multiples of that factor times the patch size."""
+        c, h0, w0 = self.shape
+        factor = self.space.factor if self.space is not None else 1
+        config = getattr(self.model, "config", None)
+        patch = int(getattr(config, "patch_size", getattr(self.model, "patch_size", 1)))
+        step = factor * patch
+        out = []
+        for name, v, default in (("height", height, h0), ("width", width, w0)):
+            if v is None:
+                out.append(default)
+                continue
+            if isinstance(v, bool) or not isinstance(v, int) or v <= 0 or v % step:
+                raise ConfigError(f"{name} must be a positive multiple of {step} pixels (autoencoder factor "
+                                  f"{factor} x patch size {patch}), got {v!r}")
+            out.append(v // factor)
+        return (c, out[0], out[1])
+
 
 def load_text_run(path: str | Path, use_ema: bool = True) -> TextRun:
     """Load a text-conditioned run directory (or checkpoint); refuses a class-conditional one."""
@@ -74,15 +94,20 @@ def encode_prompts(encoder, prompts: Sequence[str]) -> dict:
 def generate_from_prompts(run: TextRun, prompts: Sequence[str], solver: str = "euler", steps: int = 28,
                           cfg_scale: float = 4.0, seed: int = 0, negative: str = "", amp_dtype=None,
                           batch_size: int = 64, accel=None, progress: bool = False,
-                          first_index: int = 0) -> tuple[Tensor, int]:
-    """One image per prompt: ``(images [N, C, H, W] in [-1, 1], NFE per image)``. Guidance
+                          first_index: int = 0, height: Optional[int] = None,
+                          width: Optional[int] = None) -> tuple[Tensor, int]:
+    """One image per prompt: ``(images [N, C, H, W] in [-1, 1], NFE per image)`` at
+    ``height x width`` pixels (default: the trained size; :meth:`TextRun.sample_shape`;
+    sizes other than trained need position embeddings that extend, e.g. RoPE with
+    ``MMDiT.set_extrapolation``, docs/resolution.md). Guidance
     contrasts each prompt with ``negative`` (the empty prompt by default: the null
     condition the model was trained with). Sample ``i`` uses the noise of ``(seed, first_index + i)``."""
     if not prompts:
         raise ConfigError("no prompts given")
+    shape = run.sample_shape(height, width)
     cond = encode_prompts(run.encoder, prompts)
     null = encode_prompts(run.encoder, [negative])
-    out = generate(run.model, cond, run.shape, solver=solver, steps=steps, cfg_scale=cfg_scale, shift=run.shift,
+    out = generate(run.model, cond, shape, solver=solver, steps=steps, cfg_scale=cfg_scale, shift=run.shift,
                    seed=seed, batch_size=batch_size, amp_dtype=amp_dtype, progress=progress, accel=accel,
                    null=null, clamp=run.space is None, first_index=first_index)
     x = out.images
