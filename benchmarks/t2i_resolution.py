@@ -2,7 +2,7 @@
 at 1:2 and 2:1 and smaller, for each RoPE extrapolation method, with and without
 proportional attention and SD3's resolution-dependent time shift, against the native size.
 
-    python benchmarks/t2i_resolution.py --run runs/shapes-flux [--n 200]
+    python benchmarks/t2i_resolution.py --run runs/shapes-flux [--n 150]
         [--sizes 64x64,128x128,64x128,128x64,48x48] [--methods none,linear,ntk,yarn,lumina,lumina_watershed]
         [--sincos-run runs/shapes-mmdit] [--name t2i_resolution]
 
@@ -72,22 +72,26 @@ def _table(rows, render_acc) -> str:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--run", required=True, help="text-to-image run with RoPE (e.g. FLUX-shapes)")
-    ap.add_argument("--n", type=int, default=200, help="test prompts per cell")
+    ap.add_argument("--n", type=int, default=150, help="test prompts per cell")
     ap.add_argument("--sizes", default="64x64,128x128,64x128,128x64,48x48",
                     help="pixel sizes H x W; the first is the native one")
     ap.add_argument("--methods", default="none,linear,ntk,yarn,lumina,lumina_watershed")
-    ap.add_argument("--aspect-methods", default="none,ntk,yarn,lumina",
+    ap.add_argument("--aspect-methods", default="none,ntk,yarn",
                     help="methods at sizes other than the first two (keeps the run short)")
+    ap.add_argument("--shift-methods", default="none,ntk,yarn",
+                    help="methods also run with the resolution shift (with proportional attention)")
     ap.add_argument("--sincos-run", help="a sin-cos MMDiT run of the same data, as a baseline at each size")
     ap.add_argument("--steps", type=int, default=None, help="default: the run's sample.steps")
     ap.add_argument("--cfg", type=float, default=None, help="default: the run's sample.cfg")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--name", default="t2i_resolution")
+    ap.add_argument("--figure", help="PNG of the first four prompts in every square cell")
     ap.add_argument("--no-write", action="store_true")
     args = ap.parse_args(argv)
     sizes = [_size(s) for s in args.sizes.split(",")]
     methods = args.methods.split(",")
     aspect_methods = args.aspect_methods.split(",")
+    shift_methods = args.shift_methods.split(",")
     run = load_text_run(args.run)
     amp = autocast_dtype("auto", torch.device("cpu"))
     sc = run.meta["config"]["sample"]
@@ -101,6 +105,8 @@ def main(argv=None) -> int:
     payload = {"run_config": run.meta["config"], "rows": rows, "prompts": args.n, "steps": steps, "cfg": cfg,
                "judge_on_renders": render_acc}
     native = {}
+    shown: list[tuple[str, torch.Tensor]] = []
+    run_name = run.meta["config"]["model"]["name"]
 
     def cell(r, name, h, w, method, pa, shift_on):
         tokens = (h // r.space.factor // r.model.config.patch_size) * (w // r.space.factor // r.model.config.patch_size)
@@ -110,7 +116,7 @@ def main(argv=None) -> int:
         saved, r.shift = r.shift, shift
         t0 = time.perf_counter()
         try:
-            a, _, sec = judge_prompts(r, prompts, graphs, solver="euler", steps=steps, cfg_scale=cfg, amp_dtype=amp,
+            a, imgs, sec = judge_prompts(r, prompts, graphs, solver="euler", steps=steps, cfg_scale=cfg, amp_dtype=amp,
                                       seed=args.seed, height=h, width=w)
         finally:
             r.shift = saved
@@ -118,19 +124,23 @@ def main(argv=None) -> int:
         if size == args.sizes.split(",")[0] and method == "none" and not pa and not shift_on:
             native[name] = a["exact"]
         rows.append(_row(name, size, method, pa, shift, a, sec, native.get(name)))
+        if h == w and not pa and not shift_on:
+            shown.append((f"{size} {method}" if name == run_name else f"{size} {name}", imgs[:4]))
         print(f"{name} {size} {method} pa={pa} shift={shift:.2f}: exact {pct(a['exact'])} "
               f"(1 obj {pct(a.get('objects_1', {}).get('exact'))}), colour {pct(a['colour'])}, "
               f"count {pct(a['count'])} [{time.perf_counter() - t0:.0f} s]", flush=True)
         finish(args.name, "t2i_resolution.py", argv, payload, _table(rows, render_acc), not args.no_write)
 
     name = run.meta["config"]["model"]["name"]
+    if run.model.config.pos_embed != "rope":
+        raise SystemExit(f"--run {args.run}: needs RoPE positions (a sin-cos run goes in --sincos-run)")
     h0, w0 = sizes[0]
     cell(run, name, h0, w0, "none", False, False)
     for i, (h, w) in enumerate(sizes[1:], start=1):
         ms = methods if i == 1 else aspect_methods
         grid = [(m, pa, False) for m in ms for pa in (False, True)]
         if h * w > h0 * w0:
-            grid += [(m, True, True) for m in ms]
+            grid += [(m, True, True) for m in ms if m in shift_methods]
         for m, pa, sh in grid:
             if h * w < h0 * w0 and m != "none":
                 continue  # smaller than trained: the scalings leave the frequencies as trained
@@ -138,9 +148,26 @@ def main(argv=None) -> int:
     if args.sincos_run:
         base = load_text_run(args.sincos_run)
         bname = base.meta["config"]["model"]["name"]
-        for h, w in sizes:
-            cell(base, bname, h, w, "none", False, False)
+        for i, (h, w) in enumerate(sizes):
+            for sh in ((False, True) if h * w > h0 * w0 else (False,)):
+                cell(base, bname, h, w, "none", False, sh)
+    if args.figure:
+        save_figure(shown, args.figure)
     return 0
+
+
+def save_figure(shown, path: str) -> None:
+    """One row per square cell (plain attention, no shift), the first four prompts, every
+    image resized (nearest) to the largest side so sizes compare at a glance."""
+    import torch.nn.functional as F
+
+    from flowdit.utils.images import save_captioned_grid
+
+    side = max(x.shape[-1] for _, x in shown)
+    imgs = torch.cat([F.interpolate(x, size=(side, side), mode="nearest") for _, x in shown])
+    captions = [label for label, x in shown for _ in range(len(x))]
+    save_captioned_grid(imgs, captions, path, nrow=len(shown[0][1]))
+    print(f"wrote {path}")
 
 
 if __name__ == "__main__":
