@@ -47,6 +47,13 @@ def judge_on_renders(n: int, height: int, width: int) -> float:
     return summarise(scores)["exact"]
 
 
+def _tokens(run, height, width) -> int:
+    """Image tokens of one sample at ``height x width`` pixels (``None``: the trained size)."""
+    _, h, w = run.sample_shape(height, width)
+    p = run.model.config.patch_size
+    return (h // p) * (w // p)
+
+
 def _row(model_name, size, method, pa, shift, a, sec, native_exact):
     keep = a["exact"] / native_exact if native_exact else None
     return {"model": model_name, "size": size, "method": method, "proportional_attn": pa, "shift": shift,
@@ -100,7 +107,7 @@ def main(argv=None) -> int:
     prompts, graphs = evaluation_prompts("test", args.n)
     render_acc = {f"{h}x{w}": judge_on_renders(args.n, h, w) for h, w in sizes}
     print("judge on renders:", {k: pct(v) for k, v in render_acc.items()}, flush=True)
-    base_tokens = (run.shape[1] // run.model.config.patch_size) * (run.shape[2] // run.model.config.patch_size)
+    base_tokens = _tokens(run, None, None)
     rows: list[dict] = []
     payload = {"run_config": run.meta["config"], "rows": rows, "prompts": args.n, "steps": steps, "cfg": cfg,
                "judge_on_renders": render_acc}
@@ -109,8 +116,7 @@ def main(argv=None) -> int:
     run_name = run.meta["config"]["model"]["name"]
 
     def cell(r, name, h, w, method, pa, shift_on):
-        tokens = (h // r.space.factor // r.model.config.patch_size) * (w // r.space.factor // r.model.config.patch_size)
-        shift = r.shift * (resolution_shift(tokens, base_tokens) if shift_on else 1.0)
+        shift = r.shift * (resolution_shift(_tokens(r, h, w), base_tokens) if shift_on else 1.0)
         if r.model.config.pos_embed == "rope":
             r.model.set_extrapolation(rope_scaling=method, proportional_attn=pa)
         saved, r.shift = r.shift, shift
@@ -121,7 +127,7 @@ def main(argv=None) -> int:
         finally:
             r.shift = saved
         size = f"{h}x{w}"
-        if size == args.sizes.split(",")[0] and method == "none" and not pa and not shift_on:
+        if (h, w) == sizes[0] and method == "none" and not pa and not shift_on:
             native[name] = a["exact"]
         rows.append(_row(name, size, method, pa, shift, a, sec, native.get(name)))
         if h == w and not pa and not shift_on:
@@ -148,7 +154,7 @@ def main(argv=None) -> int:
     if args.sincos_run:
         base = load_text_run(args.sincos_run)
         bname = base.meta["config"]["model"]["name"]
-        for i, (h, w) in enumerate(sizes):
+        for h, w in sizes:
             for sh in ((False, True) if h * w > h0 * w0 else (False,)):
                 cell(base, bname, h, w, "none", False, sh)
     if args.figure:

@@ -179,7 +179,10 @@ def _sample_text_run(args: argparse.Namespace) -> int:
                               "has sin-cos positions")
     if args.rope_scaling is not None or args.proportional_attn:
         run.model.set_extrapolation(rope_scaling=args.rope_scaling, proportional_attn=args.proportional_attn or None)
-    run.sample_shape(args.height, args.width)  # a bad size fails before sampling
+    try:
+        run.sample_shape(args.height, args.width)  # a bad size fails before sampling
+    except ConfigError as e:
+        raise ConfigError(f"--height / --width: {e}") from None
     device = _device(args)
     if args.shift is not None:
         run.shift = args.shift

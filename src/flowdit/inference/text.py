@@ -42,8 +42,7 @@ class TextRun:
         sides must be multiples of that factor times the patch size."""
         c, h0, w0 = self.shape
         factor = self.space.factor if self.space is not None else 1
-        config = getattr(self.model, "config", None)
-        patch = int(getattr(config, "patch_size", getattr(self.model, "patch_size", 1)))
+        patch = self.model.config.patch_size  # text runs are MMDiTs (validated at training)
         step = factor * patch
         out = []
         for name, v, default in (("height", height, h0), ("width", width, w0)):
