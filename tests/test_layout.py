@@ -18,7 +18,7 @@ LAYERS = {
     "models": 2,
     "sampling": 3,
     "inference": 4,
-    "accel": 5, "edit": 5, "distill": 5, "eval": 5, "evaluate": 5,
+    "accel": 5, "edit": 5, "distill": 5, "eval": 5, "evaluate": 5, "compress": 5,
     # Adapters of other libraries' models to flowdit's sampling loop and block policies.
     "train": 6, "bench": 6, "interop": 6,
     "cli": 7,

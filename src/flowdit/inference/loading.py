@@ -8,6 +8,7 @@ from ..checkpoint_io import load_checkpoint, load_state_dict_strict, nonfinite_t
 from ..errors import CheckpointError
 from ..models import DiT, DiTConfig
 from ..models.mmdit import MMDiT, MMDiTConfig
+from ..models.quantized import apply_quantized
 
 __all__ = ["load_run_model"]
 
@@ -37,5 +38,11 @@ def load_run_model(path: str | Path, use_ema: bool = True, map_location: str = "
     if bad:
         raise CheckpointError(f"{ckpt.path}: {len(bad)} {which} weight tensors hold NaN or inf (first {bad[0]}); "
                               "refused: the run diverged before this checkpoint")
+    if "compression" in ckpt.meta:  # a post-training quantized run (flowdit compress quantize)
+        try:
+            apply_quantized(model, ckpt.meta["compression"], ckpt.tensors[which])
+        except (KeyError, ValueError) as e:
+            raise CheckpointError(f"{ckpt.path}: quantized weights do not match the manifest ({e})") from None
+        return model.eval(), ckpt.meta
     load_state_dict_strict(model, ckpt.tensors[which], which)
     return model.eval(), ckpt.meta
