@@ -51,6 +51,17 @@ from flowdit.models.quantized import int8_backend
 FLOAT = ("fp32", "bf16", "torch_dynamic")
 
 
+class Float32In(torch.nn.Module):
+    """Runs a float32-only module (PyTorch's dynamic int8 linear) on bf16 inputs under autocast."""
+
+    def __init__(self, inner: torch.nn.Module):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x):
+        return self.inner(x.float()).to(x.dtype)
+
+
 def parse_method(spec: str) -> tuple[str, dict]:
     name, _, rest = spec.partition(":")
     kw = {}
@@ -72,7 +83,7 @@ def build(spec: str, model, stats, tmp: Path):
         for lname, lin in target_linears(m).items():
             parent, _, child = lname.rpartition(".")
             q = torch.ao.quantization.quantize_dynamic(torch.nn.Sequential(lin), {torch.nn.Linear}, dtype=torch.qint8)
-            setattr(m.get_submodule(parent), child, q[0])
+            setattr(m.get_submodule(parent), child, Float32In(q[0]))
         path = tmp / "torch_dynamic.pt"
         torch.save(m.state_dict(), path)
         return m.eval(), None, path.stat().st_size, None
@@ -99,11 +110,26 @@ def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((10 * torch.log10(4.0 / mse)).mean())
 
 
-def timing(models: dict, shape, num_classes: int, batch: int, steps: int, repeats: int, lin_inputs) -> dict:
-    """Seconds of every method (median of ``repeats``, methods taking turns), per measure."""
+def linear_inputs(model, x, t, y, names) -> dict[str, torch.Tensor]:
+    """What each named linear of the float ``model`` receives in one forward of ``(x, t, y)``."""
+    got = {}
+    handles = [model.get_submodule(n).register_forward_pre_hook(lambda _m, a, n=n: got.__setitem__(n, a[0].detach()))
+               for n in names]
+    with torch.no_grad():
+        model(x, t, y)
+    for h in handles:
+        h.remove()
+    return got
+
+
+def timing(models: dict, shape, num_classes: int, batch: int, steps: int, repeats: int, names) -> dict:
+    """Seconds of every method (median of ``repeats``, methods taking turns), per measure:
+    the block linears on the inputs they get in one forward of ``2 * batch`` rows, that
+    forward, and a ``steps``-step Euler sampling of ``batch`` images with guidance."""
     x = torch.randn(2 * batch, *shape, generator=torch.Generator().manual_seed(0))
     t = torch.rand(2 * batch, generator=torch.Generator().manual_seed(1))
     y = torch.arange(2 * batch) % (num_classes + 1)
+    lin_inputs = linear_inputs(models["fp32"][0], x, t, y, names)
     labels = balanced_labels(num_classes, batch)
     fns = {}
     for name, (m, amp) in models.items():
@@ -148,7 +174,11 @@ def main(argv=None) -> None:
     p.add_argument("--time-steps", type=int, default=50)
     p.add_argument("--repeats", type=int, default=12)
     p.add_argument("--no-timing", action="store_true")
+    p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32",
+                   help="sampling precision of the float parts of every method but fp32 (quantized layers stay exact)")
+    p.add_argument("--fused", action="store_true", help="time the int8 layers with their compiled input quantization")
     p.add_argument("--name", default="compress")
+    p.add_argument("--cells", help="name of the cells directory (default: --name), so tables can share cells")
     p.add_argument("--fresh", action="store_true")
     args = p.parse_args(argv)
     methods = list(dict.fromkeys(args.methods))
@@ -164,14 +194,13 @@ def main(argv=None) -> None:
     shape = tuple(meta["data"]["shape"])
     dataset, root = meta["config"]["data"]["dataset"], meta["config"]["data"].get("root")
     labels = balanced_labels(model.num_classes, args.num)
-    setting = {"model": tensors_checksum(args.run),
+    setting = {"model": tensors_checksum(args.run), "precision": args.precision,
                "solver": args.solver, "steps": args.steps, "cfg": args.cfg, "num": args.num,
                "calib": [args.calib_samples, args.calib_steps]}
-    cells = Cells(RESULTS / f"{args.name}.cells", setting, fresh=args.fresh)
+    cells = Cells(RESULTS / f"{args.cells or args.name}.cells", setting, fresh=args.fresh)
     t0 = time.perf_counter()
     stats = calibrate(model, shape, num_samples=args.calib_samples, steps=args.calib_steps)
     calib_s = time.perf_counter() - t0
-    lin_inputs = {n: s.sample_rows()[:2048] for n, s in stats.items()}
 
     tmp = Path(tempfile.mkdtemp(prefix="flowdit-compress-"))
     built, rows = {}, []
@@ -191,8 +220,9 @@ def main(argv=None) -> None:
             rec = cells.get(f"{m}/seed{s}")
             if rec is None:
                 t0 = time.perf_counter()
+                amp_s = amp if amp is not None or m == "fp32" or args.precision == "fp32" else torch.bfloat16
                 gen = generate(qm, labels, shape, solver=args.solver, steps=args.steps, cfg_scale=args.cfg, seed=s,
-                               batch_size=250, amp_dtype=amp)
+                               batch_size=250, amp_dtype=amp_s)
                 secs = time.perf_counter() - t0
                 metrics = evaluate_samples(gen.images, gen.labels, dataset, root=root, seed=s)
                 rec = {"images": gen.images.to(torch.float16), "metrics": metrics, "seconds": secs}
@@ -217,7 +247,13 @@ def main(argv=None) -> None:
 
     times = None
     if not args.no_timing and "fp32" in built:
-        times = timing(built, shape, model.num_classes, args.time_batch, args.time_steps, args.repeats, lin_inputs)
+        if args.fused:
+            from flowdit.models.quantized import Int8Linear
+            for qm, _ in built.values():
+                for mod in qm.modules():
+                    if isinstance(mod, Int8Linear):
+                        mod.fused = True
+        times = timing(built, shape, model.num_classes, args.time_batch, args.time_steps, args.repeats, list(stats))
         for row in rows:
             t = times[row["method"]]
             row["seconds"] = {k: t[k] for k in ("linears", "forward", "sample")}
@@ -243,11 +279,11 @@ def main(argv=None) -> None:
                            f"{args.time_steps}-step sampling speed-up |", lines)
     mach = machine_info()
     head = (f"Model: `{args.run}`; {args.num} samples per seed, seeds {args.seeds}, {args.solver} {args.steps} steps, "
-            f"CFG {args.cfg}; calibration {args.calib_samples} trajectories of {args.calib_steps} steps "
+            f"CFG {args.cfg}, sampled in {args.precision} (fp32 row: fp32; quantized layers exact in float32); calibration {args.calib_samples} trajectories of {args.calib_steps} steps "
             f"({calib_s:.0f} s). fp32 weights {fp_bytes / 1e6 if fp_bytes else float('nan'):.2f} MB.\n"
             f"Machine: {mach.get('cpu')}, {mach.get('torch_threads')} threads, torch "
             f"{torch.__version__}, int8 backend {int8_backend()}, load average at start {load0}. Speed-ups are fp32 "
-            f"time / method time, medians of {args.repeats} turns ({max(2, args.repeats // 4)} for sampling), batch "
+            f"time / method time (float parts of quantized models in fp32{', int8 input quantization compiled' if args.fused else ''}), medians of {args.repeats} turns ({max(2, args.repeats // 4)} for sampling), batch "
             f"{args.time_batch} images ({2 * args.time_batch} rows with guidance).\n")
     payload = {"rows": rows, "times": times, "calibration_seconds": calib_s, "seconds": time.perf_counter() - t_start}
     finish(args.name, "compress.py", argv, payload, head + "\n" + table)

@@ -50,6 +50,8 @@ class QuantizeConfig:
         from its own entries, :func:`~flowdit.models.quantized.twin_log_quantize`).
     wbits, abits: weight and activation bits (``abits=None``: weight-only).
     smooth_alpha: SmoothQuant migration strength, ``None`` for none.
+    act: activation scales of ``kind int8``: ``token`` (per token, SmoothQuant's O1) or
+        ``tensor`` (one per input, O2: oneDNN's fused epilogue, faster); fake quant is per token.
     rotation: ``none``, ``hadamard`` (a randomised Hadamard on every layer) or ``ars``
         (LRQ-DiT's Adaptive Rotation Scheme: Hadamard where the layer's fluctuation ``J`` is
         below ``ars_threshold``, the outlier-aware rotation above it).
@@ -60,6 +62,7 @@ class QuantizeConfig:
     wbits: int = 8
     abits: Optional[int] = 8
     smooth_alpha: Optional[float] = None
+    act: str = "token"
     rotation: str = "none"
     ars_threshold: float = 1.0
     seed: int = 0
@@ -78,6 +81,10 @@ class QuantizeConfig:
             raise ConfigError(f"abits: must be in 2..16 or none, got {self.abits}")
         if self.smooth_alpha is not None and not 0.0 <= self.smooth_alpha <= 1.0:
             raise ConfigError(f"smooth_alpha: must be in [0, 1] or none, got {self.smooth_alpha}")
+        if self.act not in ("token", "tensor"):
+            raise ConfigError(f"act: must be token or tensor, got {self.act!r}")
+        if self.act == "tensor" and self.kind != "int8":
+            raise ConfigError("act tensor is a setting of kind int8 (fake quantization is per token)")
         if self.kind == "int8":
             if (self.wbits, self.abits, self.codec, self.rotation) != (8, 8, "uniform", "none"):
                 raise ConfigError("kind int8 is W8A8 with uniform weights and no rotation; use kind fake for other settings")
@@ -137,7 +144,7 @@ def quantize_model(model: nn.Module, cfg: QuantizeConfig, stats: dict[str, Layer
         if rot == "ars":
             rot = "hadamard" if st.fluctuation < cfg.ars_threshold else "outlier"
         if cfg.kind == "int8":
-            layer_spec, layer_t = encode_int8(Int8Linear.from_linear(lin, smooth))
+            layer_spec, layer_t = encode_int8(Int8Linear.from_linear(lin, smooth, act=cfg.act))
         else:
             wt = w if smooth is None else w / smooth[None, :]
             factors = None

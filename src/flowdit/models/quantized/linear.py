@@ -28,6 +28,25 @@ from .quantizers import fake_quant_tokens, quantize_tokens_int8
 
 __all__ = ["FakeQuantLinear", "Int8Linear", "int8_backend"]
 
+_ZERO = torch.zeros((), dtype=torch.long)
+_COMPILED: dict = {}
+
+
+def _quantize_rows(x: torch.Tensor, smooth: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    return quantize_tokens_int8(x * smooth)
+
+
+def _quantize_tensor(x: torch.Tensor, smooth: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    xs = x * smooth
+    delta = xs.abs().amax().clamp_min(1e-6) / 127
+    return torch.clamp(torch.round(xs / delta), -128, 127).to(torch.int8), delta
+
+
+def _fused(fn):
+    if fn not in _COMPILED:
+        _COMPILED[fn] = torch.compile(fn, dynamic=True)
+    return _COMPILED[fn]
+
 
 class FakeQuantLinear(nn.Module):
     """``y = Q_a((x * s) R) W_q^T + b`` with ``W_q [out, in]`` the dequantized codes of the
@@ -60,11 +79,14 @@ class FakeQuantLinear(nn.Module):
         return x
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.transform_input(x)
-        if self.act_bits is not None:
-            x = fake_quant_tokens(x, self.act_bits)
-        b = None if self.bias is None else self.bias.to(x.dtype)
-        return F.linear(x, self.weight.to(x.dtype), b)
+        # In float32 even under autocast: the layer stands for an integer kernel, whose
+        # result bf16 rounding would blur.
+        dtype = x.dtype
+        with torch.autocast(x.device.type, enabled=False):
+            x = self.transform_input(x.float())
+            if self.act_bits is not None:
+                x = fake_quant_tokens(x, self.act_bits)
+            return F.linear(x, self.weight, self.bias).to(dtype)
 
     def extra_repr(self) -> str:
         return (f"in={self.in_features}, out={self.out_features}, act_bits={self.act_bits}, "
@@ -82,10 +104,17 @@ class Int8Linear(nn.Module):
     """W8A8 linear that multiplies in int8: ``y = (q_x q_w^T) * d_x * d_w + b``.
 
     ``q_w [out, in]`` int8 with per-row scale ``d_w`` (symmetric, ``d_w = max|w_row| / 127``,
-    of the weight divided by ``smooth``); ``q_x, d_x`` are the per-token int8 codes of
-    ``x * smooth`` (:func:`quantize_tokens_int8`). The integer product is exact (int32
-    accumulation), so the output equals the float product of the dequantized operands up to
-    the rounding of the final scaling. Inputs of any leading shape ``[..., in]``.
+    of the weight divided by ``smooth``); ``q_x, d_x`` are the int8 codes of ``x * smooth``,
+    per token (``act="token"``, :func:`quantize_tokens_int8`: SmoothQuant's O1 setting) or
+    with one scale for the whole input (``act="tensor"``: its dynamic per-tensor O2 setting,
+    where oneDNN applies every scale and the bias inside the GEMM, the fast path). The
+    integer product is exact (int32 accumulation), so the output equals the float product
+    of the dequantized operands up to the rounding of the final scaling. Inputs of any
+    leading shape ``[..., in]``.
+
+    ``fused=True`` runs the quantization of the input (multiply by ``smooth``, max, round,
+    cast: several passes over the activation in eager mode) as one ``torch.compile``d
+    kernel; it needs a working C++ compiler and gives the same codes up to float rounding.
 
     ``backend``: ``"onednn"`` (weights prepacked once, on first use, for oneDNN's s8 x s8
     GEMM with the per-row scale applied in its epilogue), ``"int_mm"`` (``torch._int_mm``)
@@ -93,8 +122,13 @@ class Int8Linear(nn.Module):
     """
 
     def __init__(self, qweight: torch.Tensor, wscale: torch.Tensor, bias: Optional[torch.Tensor],
-                 smooth: Optional[torch.Tensor] = None, backend: str = "auto"):
+                 smooth: Optional[torch.Tensor] = None, backend: str = "auto", act: str = "token",
+                 fused: bool = False):
         super().__init__()
+        if act not in ("token", "tensor"):
+            raise ValueError(f"act must be token or tensor, got {act!r}")
+        self.act = act
+        self.fused = fused
         if qweight.dtype != torch.int8:
             raise ValueError(f"qweight must be int8, got {qweight.dtype}")
         self.out_features, self.in_features = qweight.shape
@@ -110,7 +144,8 @@ class Int8Linear(nn.Module):
         self._qweight_t = None
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, smooth: Optional[torch.Tensor] = None, backend: str = "auto") -> "Int8Linear":
+    def from_linear(cls, linear: nn.Linear, smooth: Optional[torch.Tensor] = None, backend: str = "auto",
+                    act: str = "token") -> "Int8Linear":
         """Quantize a float ``nn.Linear`` (weights divided by ``smooth`` first)."""
         w = linear.weight.detach().float()
         if smooth is not None:
@@ -118,33 +153,47 @@ class Int8Linear(nn.Module):
         scale = w.abs().amax(1).clamp_min(1e-12) / 127
         q = torch.clamp(torch.round(w / scale[:, None]), -127, 127).to(torch.int8)
         b = None if linear.bias is None else linear.bias.detach()
-        return cls(q, scale, b, smooth, backend)
+        return cls(q, scale, b, smooth, backend, act)
 
     def dequantized_weight(self) -> torch.Tensor:
         """``q_w * d_w``, ``[out, in]`` float32."""
         return self.qweight.float() * self.wscale[:, None]
 
+    def _onednn_packed(self, rows: int):
+        if self._packed is None:
+            self._packed = torch.ops.onednn.qlinear_prepack(self.qweight, [rows, self.in_features])
+            self._zeros = torch.zeros(self.out_features, dtype=torch.long)
+        return self._packed
+
     def int_matmul(self, qx: torch.Tensor) -> torch.Tensor:
         """``q_x [M, in] int8 -> (q_x q_w^T) * d_w`` float32 ``[M, out]``, on the chosen backend."""
         if self.backend == "onednn":
-            if self._packed is None:
-                self._packed = torch.ops.onednn.qlinear_prepack(self.qweight, [qx.shape[0], self.in_features])
-                self._zeros = torch.zeros(self.out_features, dtype=torch.long)
             return torch.ops.onednn.qlinear_pointwise(
-                qx, 1.0, 0, self._packed, self.wscale, self._zeros, None, 1.0, 0, torch.float32, "none", [], "")
+                qx, 1.0, 0, self._onednn_packed(qx.shape[0]), self.wscale, self._zeros, None, 1.0, 0,
+                torch.float32, "none", [], "")
         if self._qweight_t is None:
             self._qweight_t = self.qweight.t().contiguous()
         return torch._int_mm(qx, self._qweight_t).float() * self.wscale
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
-        x2 = x.reshape(-1, self.in_features)
-        if self.smooth is not None:
-            x2 = x2 * self.smooth.to(x2.dtype)
-        qx, dx = quantize_tokens_int8(x2)
-        y = self.int_matmul(qx) * dx
-        if self.bias is not None:
-            y = y + self.bias
+        x2 = x.reshape(-1, self.in_features).float()
+        smooth = self.smooth if self.smooth is not None else torch.ones(self.in_features)
+        if self.act == "token":
+            qx, dx = (_fused(_quantize_rows) if self.fused else _quantize_rows)(x2, smooth)
+            y = self.int_matmul(qx) * dx
+            if self.bias is not None:
+                y = y + self.bias
+        else:
+            qx, dx = (_fused(_quantize_tensor) if self.fused else _quantize_tensor)(x2, smooth)
+            if self.backend == "onednn":  # scales and bias in the GEMM's epilogue
+                y = torch.ops.onednn.qlinear_pointwise.tensor(
+                    qx, dx, _ZERO, self._onednn_packed(qx.shape[0]), self.wscale, self._zeros, self.bias, 1.0, 0,
+                    torch.float32, "none", [], "")
+            else:
+                y = self.int_matmul(qx) * dx
+                if self.bias is not None:
+                    y = y + self.bias
         return y.to(x.dtype).view(*shape[:-1], self.out_features)
 
     def _apply(self, fn, recurse=True):

@@ -79,7 +79,7 @@ def _rotation(t: Mapping[str, torch.Tensor], n: int) -> Optional[torch.Tensor]:
 
 def encode_int8(layer: Int8Linear) -> tuple[dict, dict]:
     """``(spec, tensors)`` of an :class:`Int8Linear` (int8 weights are stored as they are)."""
-    spec = {"kind": "int8", "bits": 8, "act_bits": 8, "shape": [layer.out_features, layer.in_features]}
+    spec = {"kind": "int8", "bits": 8, "act_bits": 8, "act": layer.act, "shape": [layer.out_features, layer.in_features]}
     t = {"qweight": layer.qweight, "wscale": layer.wscale}
     if layer.bias is not None:
         t["bias"] = layer.bias
@@ -107,7 +107,8 @@ def _dequantize_fake(spec: Mapping[str, Any], t: Mapping[str, torch.Tensor]) -> 
 def decode_layer(spec: Mapping[str, Any], t: Mapping[str, torch.Tensor], backend: str = "auto") -> nn.Module:
     """Rebuild the module a spec and its tensors describe."""
     if spec["kind"] == "int8":
-        return Int8Linear(t["qweight"], t["wscale"], t.get("bias"), t.get("smooth"), backend=backend)
+        return Int8Linear(t["qweight"], t["wscale"], t.get("bias"), t.get("smooth"), backend=backend,
+                          act=spec.get("act", "token"))
     if spec["kind"] == "fake":
         return FakeQuantLinear(_dequantize_fake(spec, t), t.get("bias"), spec.get("act_bits"),
                                t.get("smooth"), _rotation(t, int(spec["shape"][1])))
