@@ -67,8 +67,22 @@ def parse_method(spec: str) -> tuple[str, dict]:
     kw = {}
     for item in filter(None, rest.split(",")):
         k, _, v = item.partition("=")
-        kw[k] = None if v.lower() == "none" else int(v) if v.isdigit() else float(v) if v.replace(".", "", 1).isdigit() else v
+        # "none" is None (no activation quantization, no smoothing) except for rotation,
+        # whose "none" is a value of its own.
+        kw[k] = (None if v.lower() == "none" and k != "rotation" else int(v) if v.isdigit()
+                 else float(v) if v.replace(".", "", 1).isdigit() else v)
     return name, kw
+
+
+def config_of(name: str, kw: dict):
+    """The preset ``name`` with ``kw`` replaced, ``None`` values included."""
+    from dataclasses import fields, replace
+
+    base = preset(name)
+    bad = set(kw) - {f.name for f in fields(base)}
+    if bad:
+        raise SystemExit(f"--methods {name}: unknown key {sorted(bad)[0]!r}")
+    return replace(base, **kw)
 
 
 def build(spec: str, model, stats, tmp: Path):
@@ -87,7 +101,7 @@ def build(spec: str, model, stats, tmp: Path):
         path = tmp / "torch_dynamic.pt"
         torch.save(m.state_dict(), path)
         return m.eval(), None, path.stat().st_size, None
-    cfg = preset(name, **kw)
+    cfg = config_of(name, kw)
     qmodel, spec_, tensors = quantize_model(model, cfg, stats)
     path = tmp / f"{spec.replace(':', '_').replace(',', '_').replace('=', '')}.safetensors"
     save_file({k: v.contiguous() for k, v in tensors.items()}, str(path))
@@ -174,6 +188,7 @@ def main(argv=None) -> None:
     p.add_argument("--time-steps", type=int, default=50)
     p.add_argument("--repeats", type=int, default=12)
     p.add_argument("--no-timing", action="store_true")
+    p.add_argument("--timing-only", action="store_true", help="skip sampling and evaluation: the table has sizes and speed-ups")
     p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32",
                    help="sampling precision of the float parts of every method but fp32 (quantized layers stay exact)")
     p.add_argument("--fused", action="store_true", help="time the int8 layers with their compiled input quantization")
@@ -185,7 +200,7 @@ def main(argv=None) -> None:
     for m in methods:  # validate every method before any work
         name, kw = parse_method(m)
         if name not in FLOAT:
-            preset(name, **kw).validate()
+            config_of(name, kw).validate()
     seeds = [int(s) for s in args.seeds.split(",")]
     t_start = time.perf_counter()
     load0 = machine_info().get("load_average")
@@ -216,7 +231,7 @@ def main(argv=None) -> None:
         m = row["method"]
         qm, amp = built[m]
         runs = []
-        for s in seeds:
+        for s in ([] if args.timing_only else seeds):
             rec = cells.get(f"{m}/seed{s}")
             if rec is None:
                 t0 = time.perf_counter()
@@ -234,11 +249,11 @@ def main(argv=None) -> None:
                   flush=True)
         for k in ("fid", "class_accuracy"):
             vals = [r["metrics"][k] for r in runs]
-            row[k] = statistics.mean(vals)
+            row[k] = statistics.mean(vals) if vals else None
             row[k + "_std"] = statistics.stdev(vals) if len(vals) > 1 else 0.0
-        row["seeds"] = seeds
+        row["seeds"] = [] if args.timing_only else seeds
         row["_images"] = [r["images"] for r in runs]
-    if "fp32" in built:
+    if "fp32" in built and not args.timing_only:
         for row in rows:
             row["psnr_to_fp32"] = None if row["method"] == "fp32" else statistics.mean(
                 psnr(im, fp32_images[s]) for im, s in zip(row["_images"], seeds))
@@ -270,15 +285,19 @@ def main(argv=None) -> None:
         sp = r.get("speedup")
         sp_cells = " | ".join("-" if sp is None else f"{sp[k]:.2f}x" for k in ("linears", "forward", "sample"))
         dfid = "-" if fp_fid is None or r["method"] == "fp32" else f"{100 * (r['fid'] - fp_fid) / fp_fid:+.1f}%"
+        fid = "-" if r["fid"] is None else f"{r['fid']:.2f} ± {r['fid_std']:.2f}"
+        acc = "-" if r["class_accuracy"] is None else f"{100 * r['class_accuracy']:.1f}"
         ps = r.get("psnr_to_fp32")
         lines.append(f"| {r['method']} | {kind} | {bits} | {detail} | {r['bytes'] / 1e6:.2f} "
-                     f"| {r['fid']:.2f} ± {r['fid_std']:.2f} | {dfid} | {100 * r['class_accuracy']:.1f} "
+                     f"| {fid} | {dfid} | {acc} "
                      f"| {'-' if ps is None else f'{ps:.1f}'} | {sp_cells} |")
     table = markdown_table("| method | kind | bits | weights, rotation, smoothing | MB on disk | FID | FID vs fp32 "
                            "| class acc. % | PSNR to fp32 (dB) | linears speed-up | forward speed-up | "
                            f"{args.time_steps}-step sampling speed-up |", lines)
     mach = machine_info()
-    head = (f"Model: `{args.run}`; {args.num} samples per seed, seeds {args.seeds}, {args.solver} {args.steps} steps, "
+    quality = ("no sampling (--timing-only); " if args.timing_only else
+               f"{args.num} samples per seed, seeds {args.seeds}, ")
+    head = (f"Model: `{args.run}`; {quality}{args.solver} {args.steps} steps, "
             f"CFG {args.cfg}, sampled in {args.precision} (fp32 row: fp32; quantized layers exact in float32); calibration {args.calib_samples} trajectories of {args.calib_steps} steps "
             f"({calib_s:.0f} s). fp32 weights {fp_bytes / 1e6 if fp_bytes else float('nan'):.2f} MB.\n"
             f"Machine: {mach.get('cpu')}, {mach.get('torch_threads')} threads, torch "
