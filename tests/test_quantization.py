@@ -13,7 +13,7 @@ from flowdit.cli import main
 from flowdit.compress import calibrate, preset, quantize_model, smooth_factors
 from flowdit.compress.lrq_dit import greedy_block_rotation, outlier_aware_rotation, zigzag_permutation
 from flowdit.models.quantized import (CLIP_QUANTILES, TWIN_LOG_ETAS, FakeQuantLinear, Int8Linear, apply_quantized,
-                                      fake_quant_tokens, hadamard, pack_bits, packed_nbytes, quantize_tokens_int8,
+                                      exact_onednn_int8, fake_quant_tokens, int8_backend, hadamard, pack_bits, packed_nbytes, quantize_tokens_int8,
                                       random_hadamard, twin_log_quantize, uniform_quantize, unpack_bits)
 from flowdit.models.quantized.rotation import outlier_rotation_matrix
 from flowdit.models.registry import build_model
@@ -198,10 +198,23 @@ def test_smoothing_and_rotation_leave_the_float_layer_unchanged():
 # --------------------------------------------------------------------------- int8
 
 
+def test_int8_backend_is_exact_where_chosen():
+    """``auto`` never picks oneDNN where its GEMM saturates (AVX2-only x86: vpmaddubsw adds
+    pairs of u8 x s8 products in int16), and forcing it there is refused."""
+    assert int8_backend() == ("onednn" if exact_onednn_int8() else "int_mm")
+    if not exact_onednn_int8():
+        with pytest.raises(ValueError, match="VNNI"):
+            Int8Linear.from_linear(torch.nn.Linear(8, 4), backend="onednn")
+    # full-range codes: every pair of products overflows int16 where the GEMM saturates
+    qx = torch.full((3, 64), 127, dtype=torch.int8)
+    layer = Int8Linear(torch.full((5, 64), 127, dtype=torch.int8), torch.ones(5), None)
+    assert torch.equal(layer.int_matmul(qx), torch.full((3, 5), 64.0 * 127 * 127))
+
+
 @pytest.mark.parametrize("backend", ["onednn", "int_mm"])
 def test_int8_product_is_exact(backend):
-    if backend == "onednn" and not hasattr(torch.ops.onednn, "qlinear_prepack"):
-        pytest.skip("this PyTorch has no oneDNN int8 linear")
+    if backend == "onednn" and not exact_onednn_int8():
+        pytest.skip("oneDNN's int8 linear is exact only on x86 CPUs with VNNI or AMX")
     torch.manual_seed(0)
     lin = torch.nn.Linear(64, 48)
     layer = Int8Linear.from_linear(lin, smooth=torch.rand(64) + 0.5, backend=backend)

@@ -8,8 +8,8 @@ every sampler, cache and editing method runs on a quantized model unchanged.
   on the fly), in float: the quality of W4A8, W3A6, W3A4 measured without a kernel.
 - :class:`Int8Linear` is W8A8 that really multiplies in int8 on a CPU: per-channel int8
   weights, per-token dynamic int8 activations, int32 accumulation, through oneDNN's
-  prepacked int8 GEMM where PyTorch has it (AMX / VNNI on x86) and ``torch._int_mm``
-  elsewhere.
+  prepacked int8 GEMM on x86 CPUs with VNNI or AMX (where it is exact) and
+  ``torch._int_mm`` elsewhere.
 
 An optional per-input-channel ``smooth`` factor (SmoothQuant's migration) multiplies the
 input and divides the weight's columns; an optional rotation ``R`` (a randomised
@@ -26,7 +26,7 @@ from torch import nn
 
 from .quantizers import fake_quant_tokens, quantize_tokens_int8
 
-__all__ = ["FakeQuantLinear", "Int8Linear", "int8_backend"]
+__all__ = ["FakeQuantLinear", "Int8Linear", "exact_onednn_int8", "int8_backend"]
 
 _ZERO = torch.zeros((), dtype=torch.long)
 _COMPILED: dict = {}
@@ -93,11 +93,26 @@ class FakeQuantLinear(nn.Module):
                 f"smooth={self.smooth is not None}, rotation={self.rotation is not None}")
 
 
-def int8_backend() -> str:
-    """``"onednn"`` where PyTorch has oneDNN's int8 linear (x86 CPUs), else ``"int_mm"``."""
+def exact_onednn_int8() -> bool:
+    """Whether oneDNN's int8 linear is exact on this CPU.
+
+    oneDNN's s8 x s8 GEMM is exact (int32 accumulation) on CPUs with VNNI or AMX int8
+    instructions. Without them (AVX2-only x86) it multiplies through ``vpmaddubsw``, which
+    adds pairs of products in int16 with saturation: products of full-range int8 codes
+    overflow and the result is silently wrong, so flowdit does not use it there.
+    """
     ops = getattr(torch.ops, "onednn", None)
-    ok = ops is not None and hasattr(ops, "qlinear_prepack") and torch.backends.mkldnn.is_available()
-    return "onednn" if ok else "int_mm"
+    if ops is None or not hasattr(ops, "qlinear_prepack") or not torch.backends.mkldnn.is_available():
+        return False
+    cpu = torch.cpu
+    return bool(getattr(cpu, "_is_vnni_supported", lambda: False)()
+                or getattr(cpu, "_is_amx_tile_supported", lambda: False)())
+
+
+def int8_backend() -> str:
+    """``"onednn"`` where its int8 linear is exact on this CPU (:func:`exact_onednn_int8`:
+    x86 with VNNI or AMX), else ``"int_mm"`` (``torch._int_mm``, exact everywhere)."""
+    return "onednn" if exact_onednn_int8() else "int_mm"
 
 
 class Int8Linear(nn.Module):
@@ -139,6 +154,9 @@ class Int8Linear(nn.Module):
         self.backend = int8_backend() if backend == "auto" else backend
         if self.backend not in ("onednn", "int_mm"):
             raise ValueError(f"backend must be auto, onednn or int_mm, got {backend!r}")
+        if self.backend == "onednn" and not exact_onednn_int8():
+            raise ValueError("backend onednn: this CPU has no VNNI / AMX int8 instructions, where oneDNN's "
+                             "int8 GEMM saturates; use backend int_mm (or auto)")
         self._packed = None
         self._zeros = None
         self._qweight_t = None
