@@ -1,4 +1,4 @@
-"""``flowdit compress quantize``: a post-training quantized copy of a trained run."""
+"""``flowdit compress quantize|prune``: a quantized or depth-pruned copy of a trained run."""
 
 from __future__ import annotations
 
@@ -6,7 +6,8 @@ import argparse
 from pathlib import Path
 
 from ..errors import ConfigError
-from .common import _check_solver, _non_negative_float, _positive_int, _seed, command
+from .common import (_check_solver, _non_negative_float, _non_negative_int, _positive_float, _positive_int,
+                     _seed, command)
 
 
 # Not a string, so argparse does not convert it: "not given" (the preset's value) differs
@@ -92,9 +93,105 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     return 0
 
 
+def _kept_list(text: str) -> list[int]:
+    try:
+        return [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected block indices like 0,2,4, got {text!r}") from None
+
+
+def _source_run(path: str):
+    """The float class-conditional run at ``path`` (its checkpoint), refusing the others."""
+    from ..train.checkpoint import load_checkpoint
+
+    src = load_checkpoint(path, load_tensors_only=True)
+    if src.meta.get("model_class") == "MMDiT":
+        raise ConfigError(f"--ckpt {path}: a text-to-image run; compression takes class-conditional DiT runs")
+    if "compression" in src.meta:
+        raise ConfigError(f"--ckpt {path}: already quantized; compress the float run it came from")
+    return src
+
+
+def cmd_prune(args: argparse.Namespace) -> int:
+    import json
+    import shutil
+
+    from ..compress.depth import FlowStream, keep_blocks
+    from ..compress.prune import PruneConfig, select_blocks
+    from ..checkpoint_io import latest_checkpoint
+    from ..compress.recovery import RecoveryConfig, recover, recovery_setting
+    from ..data import build_dataset
+    from ..inference import load_run_model
+    from ..train.checkpoint import load_checkpoint, save_checkpoint
+    from ..utils.files import atomic_write_text
+
+    rec = RecoveryConfig(steps=args.recover_steps, lr=args.lr, ema_decay=args.ema_decay, ckpt_every=args.ckpt_every)
+    cfg = PruneConfig(method=args.method, keep=args.keep, kept=args.kept, groups=args.groups,
+                      search_steps=args.search_steps, importance_inputs=args.importance_inputs,
+                      batch_size=args.batch_size, seed=args.seed, recovery=rec)
+    out = Path(args.out)
+    selection_file = out / "selection.json"
+    resuming = out.exists() and any(out.iterdir())
+    if resuming and not args.resume:
+        raise ConfigError(f"--out {out}: exists and is not empty; choose a new directory (or --resume it)")
+    if resuming and not selection_file.is_file():
+        raise ConfigError(f"--out {out}: not a pruning run of flowdit compress prune (no selection.json)")
+    src = _source_run(args.ckpt)
+    model, meta = load_run_model(args.ckpt)
+    try:
+        cfg.validate(len(model.blocks))
+    except ConfigError as e:
+        raise ConfigError(f"--method {args.method}: {e}") from None
+    data = meta["config"]["data"]
+    dataset = build_dataset(data["dataset"], root=args.data_root or data.get("root"), split="train",
+                            image_size=data.get("image_size"), channels=data.get("channels"))
+
+    if resuming:
+        selection = json.loads(selection_file.read_text())
+        if selection.get("method") != args.method or selection.get("keep") != (cfg.keep or len(cfg.kept)):
+            raise ConfigError(f"--out {out}: holds a {selection.get('method')} pruning to "
+                              f"{selection.get('keep')} blocks; resume it with the same --method and --keep")
+    else:
+        selection = select_blocks(model, dataset, meta, cfg, progress=not args.no_progress)
+        selection.update(method=args.method, keep=len(selection["kept"]), depth=len(model.blocks),
+                         source=str(Path(src.path).resolve()))
+        out.mkdir(parents=True, exist_ok=True)
+        run_cfg = Path(src.path).parent.parent / "config.yaml"
+        if run_cfg.is_file():
+            shutil.copyfile(run_cfg, out / "config.yaml")
+        atomic_write_text(selection_file, json.dumps(selection, indent=2) + "\n")
+    kept = selection["kept"]
+    print(f"flowdit: keeping blocks {kept} of {len(model.blocks)} ({args.method}, {selection['seconds']:.0f} s)",
+          flush=True)
+    student = keep_blocks(model, kept)
+    new_meta = dict(src.meta, model_config=student.config_dict(),
+                    pruning={"method": args.method, "kept": kept, "depth": len(model.blocks),
+                             "source": selection["source"]})
+    stream = FlowStream.of_run(dataset, meta, batch_size=args.batch_size, seed=args.seed)
+    new_meta["pruning"]["setting"] = setting = recovery_setting(kept, rec, stream)
+    resume = None
+    if latest_checkpoint(out) is not None:
+        ck = load_checkpoint(out)
+        if ck.meta.get("pruning", {}).get("setting") != setting:
+            raise ConfigError(f"--out {out}: holds a recovery with other settings (steps, lr, batch, seed); "
+                              "resume it with the same flags or choose a new --out")
+        resume = (ck.tensors, ck.trainer_state)
+
+    def save(step: int, tensors: dict, state: dict) -> None:
+        save_checkpoint(out, step, tensors, trainer_state=state, meta=new_meta, keep_last=2)
+
+    _, _, log = recover(student, model, kept, stream, rec, save=save, resume=resume, progress=not args.no_progress)
+    final = latest_checkpoint(out)
+    params = lambda m: sum(p.numel() for p in m.parameters())
+    tail = f"; recovery loss {log[-1]['loss']:.4f} after {rec.steps} steps" if log else ""
+    print(f"flowdit: wrote {out} ({len(kept)} of {len(model.blocks)} blocks, {params(student) / 1e6:.2f}M of "
+          f"{params(model) / 1e6:.2f}M parameters{tail}; {final.name})")
+    return 0
+
+
 def add_parsers(sub) -> None:
     """Register this module's commands on the ``flowdit`` subparsers ``sub``."""
-    c = command(sub, "compress", help="compress a trained run (post-training quantization)")
+    c = command(sub, "compress", help="compress a trained run (post-training quantization, depth pruning)")
     csub = c.add_subparsers(dest="compress_command", required=True, metavar="ACTION")
     q = command(csub, "quantize", help="quantize a run's transformer blocks",
                 description="Calibrate on the model's own sampling trajectories, quantize the attention and MLP "
@@ -119,3 +216,30 @@ def add_parsers(sub) -> None:
     q.add_argument("--calib-seed", type=_seed, default=1234, help="noise seed of the calibration trajectories")
     q.add_argument("--seed", type=_seed, help="seed of the random rotations")
     q.set_defaults(func=cmd_quantize)
+
+    p = command(csub, "prune", help="remove transformer blocks of a run, then recover by distillation",
+                description="Choose the blocks to keep (tinyfusion: learned Gumbel-softmax gates with LoRA; "
+                            "importance: ShortGPT block influence; oracle: the subset of lowest loss before "
+                            "recovery; index: --kept), copy them into a shallower DiT, and recover it by "
+                            "TinyFusion's masked knowledge distillation from the full model. Writes a run directory "
+                            "every sampler loads; a killed recovery resumes with --resume.")
+    p.add_argument("--ckpt", required=True, help="run directory or checkpoint directory of the float model")
+    p.add_argument("--out", required=True, help="new run directory to write (must not exist or be empty)")
+    p.add_argument("--method", default="tinyfusion", choices=["tinyfusion", "importance", "oracle", "index"],
+                   help="how the kept blocks are chosen")
+    p.add_argument("--keep", type=_positive_int, help="number of blocks to keep (all methods but index)")
+    p.add_argument("--kept", type=_kept_list, help="blocks to keep for --method index, e.g. 0,2,4")
+    p.add_argument("--groups", help="TinyFusion's N:M groups, e.g. 1:2 (default: one group KEEP:DEPTH)")
+    p.add_argument("--search-steps", type=_positive_int, default=500, help="TinyFusion gate-training steps")
+    p.add_argument("--importance-inputs", choices=["clean", "noised"], default="clean",
+                   help="what the block-importance score is measured on (clean: TinyFusion's script)")
+    p.add_argument("--recover-steps", type=_non_negative_int, default=1000, help="masked-KD recovery steps (0: none)")
+    p.add_argument("--lr", type=_positive_float, default=2e-4, help="recovery learning rate (cosine to half)")
+    p.add_argument("--ema-decay", type=_non_negative_float, default=0.999, help="EMA of the recovered weights")
+    p.add_argument("--batch-size", type=_positive_int, default=128, help="batch of the search and the recovery")
+    p.add_argument("--ckpt-every", type=_positive_int, default=250, help="recovery checkpoint interval")
+    p.add_argument("--data-root", help="the run's data directory, if it moved")
+    p.add_argument("--seed", type=_seed, default=0, help="seed of the data streams and the gate noise")
+    p.add_argument("--resume", action="store_true", help="continue the recovery found in --out")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.set_defaults(func=cmd_prune)
