@@ -225,7 +225,9 @@ def add_parsers(sub) -> None:
                             "every sampler loads; a killed recovery resumes with --resume.")
     p.add_argument("--ckpt", required=True, help="run directory or checkpoint directory of the float model")
     p.add_argument("--out", required=True, help="new run directory to write (must not exist or be empty)")
-    p.add_argument("--method", default="tinyfusion", choices=["tinyfusion", "importance", "oracle", "index"],
+    from ..compress.prune import PRUNE_METHODS
+
+    p.add_argument("--method", default="tinyfusion", choices=list(PRUNE_METHODS),
                    help="how the kept blocks are chosen")
     p.add_argument("--keep", type=_positive_int, help="number of blocks to keep (all methods but index)")
     p.add_argument("--kept", type=_kept_list, help="blocks to keep for --method index, e.g. 0,2,4")

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Literal, Optional
+from typing import Callable, Literal, Optional
 
 from ..errors import ConfigError
 from ..models import DiT
@@ -25,9 +25,8 @@ from .depth import FlowStream, calibration_batches, check_kept, oracle_subsets
 from .recovery import RecoveryConfig
 from .tinyfusion import parse_groups, tinyfusion_search
 
-__all__ = ["PRUNE_METHODS", "PruneConfig", "select_blocks"]
+__all__ = ["PRUNE_METHODS", "PruneConfig", "SELECTORS", "select_blocks"]
 
-PRUNE_METHODS = ("tinyfusion", "importance", "oracle", "index")
 
 
 @dataclass
@@ -39,7 +38,7 @@ class PruneConfig:
     the reference's 128) and the subsets (oracle); ``batch_size`` and ``seed`` of the
     training streams."""
 
-    method: Literal["tinyfusion", "importance", "oracle", "index"] = "tinyfusion"
+    method: str = "tinyfusion"
     keep: Optional[int] = None
     kept: Optional[list[int]] = None
     groups: Optional[str] = None
@@ -76,30 +75,51 @@ class PruneConfig:
         self.recovery.validate()
 
 
+def _select_index(model: DiT, dataset, meta: dict, cfg: PruneConfig, progress: bool) -> dict:
+    return {"kept": check_kept(cfg.kept, len(model.blocks))}
+
+
+def _select_importance(model: DiT, dataset, meta: dict, cfg: PruneConfig, progress: bool) -> dict:
+    stream = FlowStream.of_run(dataset, meta, batch_size=16, seed=cfg.seed)
+    stream.label_dropout = 0.0  # the reference scores with the real labels (model in eval mode)
+    sims = block_similarity(model, calibration_batches(stream, -(-cfg.score_samples // 16)), cfg.importance_inputs)
+    return {"kept": importance_keep(sims, cfg.keep), "similarity": sims}
+
+
+def _select_oracle(model: DiT, dataset, meta: dict, cfg: PruneConfig, progress: bool) -> dict:
+    stream = FlowStream.of_run(dataset, meta, batch_size=min(cfg.batch_size, cfg.oracle_samples), seed=cfg.seed)
+    ranked = oracle_subsets(model, cfg.keep, calibration_batches(stream, -(-cfg.oracle_samples // stream.batch_size)))
+    return {"kept": list(ranked[0][0]), "subsets": [[list(s), loss] for s, loss in ranked]}
+
+
+def _select_tinyfusion(model: DiT, dataset, meta: dict, cfg: PruneConfig, progress: bool) -> dict:
+    stream = FlowStream.of_run(dataset, meta, batch_size=cfg.batch_size, seed=cfg.seed)
+    groups = parse_groups(cfg.groups, len(model.blocks), cfg.keep)
+    res = tinyfusion_search(model, stream, groups, steps=cfg.search_steps, lora_rank=cfg.lora_rank,
+                            lora_alpha=cfg.lora_alpha, seed=cfg.seed, progress=progress)
+    return {"kept": res.kept, "groups": [list(g) for g in groups], "probabilities": res.probabilities,
+            "trace": [[s, k, loss] for s, k, loss in res.trace]}
+
+
+# name -> selector(model, dataset, meta, cfg, progress) -> {"kept": [...], evidence...};
+# the CLI's --method choices and the benchmark read this table.
+SELECTORS: dict[str, Callable[..., dict]] = {
+    "tinyfusion": _select_tinyfusion,
+    "importance": _select_importance,
+    "oracle": _select_oracle,
+    "index": _select_index,
+}
+
+
 def select_blocks(model: DiT, dataset, meta: dict, cfg: PruneConfig, progress: bool = True) -> dict:
     """The blocks to keep and how they were found: ``{"kept": [...], "seconds": s, ...}``
     with the method's evidence (TinyFusion's probabilities and trace, the block
     similarities, or every subset's loss)."""
-    depth = len(model.blocks)
-    cfg.validate(depth)
+    cfg.validate(len(model.blocks))
     t0 = time.perf_counter()
-    if cfg.method == "index":
-        out = {"kept": check_kept(cfg.kept, depth)}
-    elif cfg.method == "importance":
-        stream = FlowStream.of_run(dataset, meta, batch_size=16, seed=cfg.seed)
-        stream.label_dropout = 0.0  # the reference scores with the real labels (model in eval mode)
-        sims = block_similarity(model, calibration_batches(stream, -(-cfg.score_samples // 16)), cfg.importance_inputs)
-        out = {"kept": importance_keep(sims, cfg.keep), "similarity": sims}
-    elif cfg.method == "oracle":
-        stream = FlowStream.of_run(dataset, meta, batch_size=min(cfg.batch_size, cfg.oracle_samples), seed=cfg.seed)
-        ranked = oracle_subsets(model, cfg.keep, calibration_batches(stream, -(-cfg.oracle_samples // stream.batch_size)))
-        out = {"kept": list(ranked[0][0]), "subsets": [[list(s), loss] for s, loss in ranked]}
-    else:
-        stream = FlowStream.of_run(dataset, meta, batch_size=cfg.batch_size, seed=cfg.seed)
-        groups = parse_groups(cfg.groups, depth, cfg.keep)
-        res = tinyfusion_search(model, stream, groups, steps=cfg.search_steps, lora_rank=cfg.lora_rank,
-                                lora_alpha=cfg.lora_alpha, seed=cfg.seed, progress=progress)
-        out = {"kept": res.kept, "groups": [list(g) for g in groups], "probabilities": res.probabilities,
-               "trace": [[s, k, loss] for s, k, loss in res.trace]}
+    out = SELECTORS[cfg.method](model, dataset, meta, cfg, progress)
     out["seconds"] = time.perf_counter() - t0
     return out
+
+
+PRUNE_METHODS = tuple(SELECTORS)
