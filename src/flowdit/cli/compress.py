@@ -1,4 +1,4 @@
-"""``flowdit compress quantize|prune``: a quantized or depth-pruned copy of a trained run."""
+"""``flowdit compress quantize|prune|adapt``: a quantized, depth-pruned or adapted copy of a trained run."""
 
 from __future__ import annotations
 
@@ -189,9 +189,99 @@ def cmd_prune(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_adapt(args: argparse.Namespace) -> int:
+    import json
+    import shutil
+
+    import torch
+
+    from ..checkpoint_io import latest_checkpoint
+    from ..compress.adapt import AdaptConfig, adapt, adapt_setting, stored_model
+    from ..compress.depth import FlowStream
+    from ..data import build_dataset
+    from ..data.base import ImageDataset
+    from ..inference import load_run_model
+    from ..train.checkpoint import load_checkpoint, save_checkpoint
+    from ..utils.files import atomic_write_text
+
+    cfg = AdaptConfig(method=args.method, rank=args.rank, steps=args.steps, lr=args.lr,
+                      warmup_steps=args.warmup_steps, ema_decay=args.ema_decay, ckpt_every=args.ckpt_every)
+    try:
+        cfg.validate()
+    except ConfigError as e:
+        raise ConfigError(f"--method {args.method}: {e}") from None
+    out = Path(args.out)
+    resuming = out.exists() and any(out.iterdir())
+    if resuming and not args.resume:
+        raise ConfigError(f"--out {out}: exists and is not empty; choose a new directory (or --resume it)")
+    src = _source_run(args.ckpt)
+    if "adapter" in src.meta or "pruning" in src.meta:
+        raise ConfigError(f"--ckpt {args.ckpt}: already adapted or pruned; adapt the run it came from")
+    model, meta = load_run_model(args.ckpt)
+    mc = meta["model_config"]
+    data = build_dataset(args.dataset, root=args.data_root, split="train")
+    shape = tuple(meta["data"]["shape"])
+    if tuple(data.images.shape[1:]) != shape:
+        raise ConfigError(f"--dataset {args.dataset}: images {tuple(data.images.shape[1:])} do not match the "
+                          f"model's {shape}")
+    if args.classes is not None:
+        keep = [c for c in args.classes if 0 <= c < data.num_classes]
+        if len(keep) != len(args.classes):
+            raise ConfigError(f"--classes: labels must lie in [0, {data.num_classes}) for {args.dataset}")
+        mask = torch.isin(data.labels, torch.tensor(keep))
+        data = ImageDataset(data.images[mask].contiguous(), data.labels[mask].contiguous(), data.num_classes,
+                            data.class_names, data.name, data.split)
+    if data.num_classes > mc["num_classes"]:
+        raise ConfigError(f"--dataset {args.dataset}: {data.num_classes} classes, the model has {mc['num_classes']}")
+    stream = FlowStream.of_run(data, meta, batch_size=args.batch_size, seed=args.seed)
+    setting = adapt_setting(cfg, stream) | {"dataset": args.dataset, "classes": args.classes}
+    resume = None
+    if resuming:
+        if latest_checkpoint(out) is None:
+            raise ConfigError(f"--out {out}: holds no adaptation checkpoint to resume")
+        ck = load_checkpoint(out)
+        if "trained_parameters" in ck.meta.get("adapting", {}):
+            raise ConfigError(f"--out {out}: this adaptation is complete; nothing to resume")
+        if ck.meta.get("adapting", {}).get("setting") != setting:
+            raise ConfigError(f"--out {out}: holds an adaptation with other settings (method, rank, steps, lr, "
+                              "data, batch, seed); resume it with the same flags or choose a new --out")
+        resume = (ck.tensors, ck.trainer_state)
+    else:
+        out.mkdir(parents=True, exist_ok=True)
+        run_cfg = Path(src.path).parent.parent / "config.yaml"
+        if run_cfg.is_file():
+            shutil.copyfile(run_cfg, out / "config.yaml")
+    source = str(Path(src.path).resolve())
+    data_meta = dict(meta["data"], name=args.dataset, classes=args.classes)
+    # Intermediate checkpoints keep the adapters unmerged so a resumed run continues exactly;
+    # the final one is stored in the form samplers load (stored_model).
+    work_meta = dict(src.meta, data=data_meta, adapting={"setting": setting, "source": source})
+
+    def save(step: int, tensors: dict, state: dict) -> None:
+        if step < cfg.steps:
+            save_checkpoint(out, step, tensors, trainer_state=state, meta=work_meta, keep_last=2)
+
+    adapted, ema, log, layers = adapt(model, stream, cfg, save=save, resume=resume, progress=not args.no_progress)
+    n_trained = sum(p.numel() for p in adapted.parameters() if p.requires_grad)
+    final_ema, spec = stored_model(ema, cfg, layers)
+    final_model, _ = stored_model(adapted, cfg, layers)
+    info = {"method": cfg.method, "rank": cfg.rank, "trained_parameters": n_trained, "source": source,
+            "setting": setting, "final_loss": log[-1]["loss"] if log else None}
+    final_meta = dict(src.meta, data=data_meta, adapting=info)
+    if spec is not None:
+        final_meta["adapter"] = spec
+    save_checkpoint(out, cfg.steps, {"model": final_model.state_dict(), "ema": final_ema.state_dict()},
+                    meta=final_meta, keep_last=2)
+    atomic_write_text(out / "adapt.json", json.dumps(info, indent=2) + "\n")
+    total = sum(p.numel() for p in final_ema.parameters())
+    print(f"flowdit: wrote {out} ({cfg.method}: {n_trained:,} trained parameters of {total:,}; "
+          f"loss {info['final_loss']:.4f} after {cfg.steps} steps)")
+    return 0
+
+
 def add_parsers(sub) -> None:
     """Register this module's commands on the ``flowdit`` subparsers ``sub``."""
-    c = command(sub, "compress", help="compress a trained run (post-training quantization, depth pruning)")
+    c = command(sub, "compress", help="compress or adapt a trained run (post-training quantization, depth pruning, Diffscaler)")
     csub = c.add_subparsers(dest="compress_command", required=True, metavar="ACTION")
     q = command(csub, "quantize", help="quantize a run's transformer blocks",
                 description="Calibrate on the model's own sampling trajectories, quantize the attention and MLP "
@@ -245,3 +335,28 @@ def add_parsers(sub) -> None:
     p.add_argument("--resume", action="store_true", help="continue the recovery found in --out")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_prune)
+
+    a = command(csub, "adapt", help="adapt a run to a new data set with few trained parameters (Diffscaler)",
+                description="Train Diffscaler's Affiners (affiner), LoRA (lora) or every weight (full) of a run on "
+                            "a new data set with the run's flow-matching loss. Writes a run directory every sampler "
+                            "loads (LoRA merged into the weights, Affiners rebuilt from the manifest); a killed run "
+                            "resumes with --resume.")
+    a.add_argument("--ckpt", required=True, help="run directory or checkpoint directory of the trained model")
+    a.add_argument("--out", required=True, help="new run directory to write (must not exist or be empty)")
+    from ..compress.adapt import ADAPT_METHODS
+
+    a.add_argument("--method", default="affiner", choices=list(ADAPT_METHODS), help="what is trained")
+    a.add_argument("--dataset", required=True, help="the new data set (digits, mnist, folder, shapes)")
+    a.add_argument("--data-root", help="its directory (mnist, folder)")
+    a.add_argument("--classes", type=_kept_list, help="train only on these labels, e.g. 0,1,2")
+    a.add_argument("--rank", type=_positive_int, default=8, help="the Affiner's (or LoRA's) rank")
+    a.add_argument("--steps", type=_positive_int, default=1000, help="training steps")
+    a.add_argument("--lr", type=_positive_float, default=1e-3, help="learning rate (after warm-up)")
+    a.add_argument("--warmup-steps", type=_non_negative_int, default=50, help="linear warm-up steps")
+    a.add_argument("--ema-decay", type=_non_negative_float, default=0.999, help="EMA of the trained weights")
+    a.add_argument("--batch-size", type=_positive_int, default=128, help="training batch")
+    a.add_argument("--ckpt-every", type=_positive_int, default=250, help="checkpoint interval")
+    a.add_argument("--seed", type=_seed, default=0, help="seed of the data stream")
+    a.add_argument("--resume", action="store_true", help="continue the adaptation found in --out")
+    a.add_argument("--no-progress", action="store_true", help="no progress bars")
+    a.set_defaults(func=cmd_adapt)

@@ -8,6 +8,7 @@ from ..checkpoint_io import load_checkpoint, load_state_dict_strict, nonfinite_t
 from ..errors import CheckpointError
 from ..models import DiT, DiTConfig
 from ..models.mmdit import MMDiT, MMDiTConfig
+from ..models.adapters import apply_adapters
 from ..models.quantized import apply_quantized
 
 __all__ = ["load_run_model"]
@@ -44,5 +45,10 @@ def load_run_model(path: str | Path, use_ema: bool = True, map_location: str = "
         except (KeyError, ValueError) as e:
             raise CheckpointError(f"{ckpt.path}: quantized weights do not match the manifest ({e})") from None
         return model.eval(), ckpt.meta
+    if ckpt.meta.get("adapter", {}).get("method") == "affiner":  # flowdit compress adapt --method affiner
+        try:
+            apply_adapters(model, ckpt.meta["adapter"])
+        except (KeyError, ValueError, AttributeError) as e:
+            raise CheckpointError(f"{ckpt.path}: adapter entry of the manifest does not fit the model ({e})") from None
     load_state_dict_strict(model, ckpt.tensors[which], which)
     return model.eval(), ckpt.meta
