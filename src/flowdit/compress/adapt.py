@@ -18,7 +18,7 @@ callback every ``ckpt_every`` steps and continues bit-exactly from such a state.
 from __future__ import annotations
 
 import copy
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Callable, Optional
 
 import torch
@@ -29,10 +29,7 @@ from ..models.adapters import Affiner, add_affiners, adapter_targets
 from .depth import FlowStream
 from .lora import LoRALinear, add_lora, merge_lora
 
-__all__ = ["ADAPT_METHODS", "AdaptConfig", "adapt", "adapt_setting", "count_trained", "prepare_adapters", "stored_model"]
-
-ADAPT_METHODS = ("affiner", "lora", "full")
-
+__all__ = ["ADAPTERS", "ADAPT_METHODS", "AdaptConfig", "adapt", "adapt_setting", "count_trained", "prepare_adapters", "stored_model"]
 
 @dataclass
 class AdaptConfig:
@@ -63,27 +60,57 @@ class AdaptConfig:
             raise ConfigError("adapt: lr > 0, ema_decay in [0, 1), clip > 0")
 
 
+def _full(model: nn.Module, cfg: "AdaptConfig", layers: list[str]) -> list[nn.Parameter]:
+    for p in model.parameters():
+        p.requires_grad_(True)
+    return list(model.parameters())
+
+
+def _affiner(model: nn.Module, cfg: "AdaptConfig", layers: list[str]) -> list[nn.Parameter]:
+    add_affiners(model, cfg.rank, layers)
+    return [p for m in model.modules() if isinstance(m, Affiner) for p in m.trained_parameters()]
+
+
+def _lora(model: nn.Module, cfg: "AdaptConfig", layers: list[str]) -> list[nn.Parameter]:
+    add_lora(model, cfg.rank, 2.0 * cfg.rank if cfg.lora_alpha is None else cfg.lora_alpha, skip=cfg.skip)
+    return [p for m in model.modules() if isinstance(m, LoRALinear) for p in (m.lora_a, m.lora_b)]
+
+
+def _keep(model: nn.Module, cfg: "AdaptConfig", layers: list[str]) -> tuple[nn.Module, Optional[dict]]:
+    return model, None
+
+
+def _keep_affiners(model: nn.Module, cfg: "AdaptConfig", layers: list[str]) -> tuple[nn.Module, Optional[dict]]:
+    return model, {"method": "affiner", "rank": cfg.rank, "layers": list(layers)}
+
+
+def _merge_lora(model: nn.Module, cfg: "AdaptConfig", layers: list[str]) -> tuple[nn.Module, Optional[dict]]:
+    return merge_lora(copy.deepcopy(model)), None
+
+
+# method -> (put its trainable parameters into the frozen model and return them,
+#            the form it is stored in with its manifest ``adapter`` entry).
+# ``adapts_layers``: whether the method wraps the linears (the others train weights in place).
+ADAPTERS: dict[str, tuple[Callable, Callable, bool]] = {
+    "affiner": (_affiner, _keep_affiners, True),
+    "lora": (_lora, _merge_lora, True),
+    "full": (_full, _keep, False),
+}
+ADAPT_METHODS = tuple(ADAPTERS)
+
+
 def prepare_adapters(model: nn.Module, cfg: AdaptConfig) -> tuple[nn.Module, list[nn.Parameter], list[str]]:
-    """Put ``cfg.method``'s trainable parameters into ``model`` (in place).
+    """Put ``cfg.method``'s trainable parameters into ``model`` (in place), everything
+    else frozen.
 
     Returns ``(model, the parameters to train, the adapted layer names)``; for ``full``
     the names are empty and every parameter trains."""
     cfg.validate()
-    if cfg.method == "full":
-        for p in model.parameters():
-            p.requires_grad_(True)
-        return model, list(model.parameters()), []
-    layers = adapter_targets(model, cfg.skip)
+    prepare, _, wraps = ADAPTERS[cfg.method]
+    layers = adapter_targets(model, cfg.skip) if wraps else []
     for p in model.parameters():
         p.requires_grad_(False)
-    if cfg.method == "affiner":
-        add_affiners(model, cfg.rank, layers)
-        params = [p for m in model.modules() if isinstance(m, Affiner) for p in m.trained_parameters()]
-    else:
-        alpha = 2.0 * cfg.rank if cfg.lora_alpha is None else cfg.lora_alpha
-        add_lora(model, cfg.rank, alpha, skip=cfg.skip)
-        params = [p for m in model.modules() if isinstance(m, LoRALinear) for p in (m.lora_a, m.lora_b)]
-    return model, params, layers
+    return model, prepare(model, cfg, layers), layers
 
 
 def adapt_setting(cfg: AdaptConfig, stream: FlowStream) -> dict:
@@ -95,11 +122,7 @@ def stored_model(model: nn.Module, cfg: AdaptConfig, layers: list[str]) -> tuple
     """The form an adapted model is saved in, and its manifest ``adapter`` entry: LoRA
     merged into plain linears (``None``: nothing to rebuild), Affiners kept with
     ``{"method": "affiner", "rank", "layers"}``, a fully fine-tuned model as it is."""
-    if cfg.method == "lora":
-        return merge_lora(copy.deepcopy(model)), None
-    if cfg.method == "affiner":
-        return model, {"method": "affiner", "rank": cfg.rank, "layers": list(layers)}
-    return model, None
+    return ADAPTERS[cfg.method][1](model, cfg, layers)
 
 
 def adapt(model: nn.Module, stream: FlowStream, cfg: AdaptConfig,
