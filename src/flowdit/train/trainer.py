@@ -212,8 +212,14 @@ class Trainer:
         self.time_sampler = build_time_sampler(cfg.flow.time_sampler)
         self.amp_dtype = autocast_dtype(tc.precision, self.device)
         self.objective = build_objective(cfg, self.dataset, self.device, self.amp_dtype)
+        self.objective.bind(self.model, self.ema)
+        # Training-only modules of the objective (a projection head): optimized with the
+        # model, saved as the checkpoint's "heads", never part of the sampled model.
+        self.heads: Optional[torch.nn.Module] = self.objective.trainable()
+        if self.heads is not None:
+            self.heads.to(self.device)
         self.optimizer = torch.optim.AdamW(
-            self.model.parameters(), lr=cfg.optim.lr, betas=tuple(cfg.optim.betas), weight_decay=cfg.optim.weight_decay,
+            self.parameters(), lr=cfg.optim.lr, betas=tuple(cfg.optim.betas), weight_decay=cfg.optim.weight_decay,
         )
         self.step = 0
         if resume:
@@ -221,6 +227,14 @@ class Trainer:
         self.ddp = DDP(self.model) if self.dist.enabled else None
         fwd = self.ddp if self.ddp is not None else self.model
         self.forward = compiled_or_eager(fwd) if tc.compile else fwd
+
+    def parameters(self) -> list[torch.nn.Parameter]:
+        """Everything the optimizer updates: the model's parameters, then those of the
+        objective's training-only modules (:meth:`TrainingObjective.trainable`)."""
+        params = list(self.model.parameters())
+        if self.heads is not None:
+            params += list(self.heads.parameters())
+        return params
 
     def _load_data(self):
         """The training data: a latent cache (``data.latents``) or the named image data set."""
@@ -268,6 +282,8 @@ class Trainer:
         if not self.dist.is_main:
             return self.run_dir
         tensors = {"model": self.model.state_dict(), "ema": self.ema.state_dict()}
+        if self.heads is not None:
+            tensors["heads"] = self.heads.state_dict()
         bad = nonfinite_tensors(tensors)
         if bad:
             raise TrainingDiverged(f"training diverged by step {self.step}: {len(bad)} weight tensors hold NaN or "
@@ -348,6 +364,11 @@ class Trainer:
             raise CheckpointError(f"{path}: saved model config {saved_model} differs from the configured one")
         load_state_dict_strict(self.model, ckpt.tensors["model"], "model")
         load_state_dict_strict(self.ema, ckpt.tensors["ema"], "ema")
+        if self.heads is not None:
+            if "heads" not in ckpt.tensors:
+                raise CheckpointError(f"{path}: no heads.safetensors, but flow.objective={self.objective.name} "
+                                      "trains heads of its own; this checkpoint was not written by such a run")
+            load_state_dict_strict(self.heads, ckpt.tensors["heads"], "heads")
         try:
             self.optimizer.load_state_dict(state["optimizer"])
             torch.set_rng_state(state["torch_rng"])
@@ -442,7 +463,7 @@ class Trainer:
         drop = torch.rand(G, generator=g) < self.cfg.flow.label_dropout
         if self.cfg.flow.shift != 1.0:
             t = shift_time(t, self.cfg.flow.shift)
-        draws = StepDraws(step=step, eps=eps, t=t, seed=tc.seed)
+        draws = StepDraws(step=step, eps=eps, t=t, seed=tc.seed, idx=idx)
         extras = self.objective.draw(draws, g)
         t = draws.t
         cond_draws = self.conditioning.draw(step, tc.seed, G)
@@ -466,10 +487,13 @@ class Trainer:
         b = self.draw_step(step)
         return b["x0"], b["y"], b["eps"], b["t"], b["idx"]
 
-    def velocity(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """The trained model's velocity under the run's autocast, as float32."""
+    def velocity(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, ctx=None) -> torch.Tensor:
+        """The trained model's velocity under the run's autocast, as float32; ``ctx`` (a
+        :class:`flowdit.core.hooks.StepContext`) lets an objective's hooks act inside it."""
         with autocast(self.device.type, self.amp_dtype):
-            return self.forward(x, t, y).float()
+            if ctx is None:
+                return self.forward(x, t, y).float()
+            return self.forward(x, t, y, ctx=ctx).float()
 
     def train_step(self) -> dict:
         tc = self.cfg.train
@@ -491,8 +515,13 @@ class Trainer:
                 (loss / tc.grad_accum).backward()
             loss_sum += loss.detach() / tc.grad_accum
         loss_mean = D.all_reduce_mean(loss_sum, self.dist)
+        if self.heads is not None and self.dist.enabled:
+            # DDP averages the model's gradients; the objective's heads are not inside it.
+            for p in self.heads.parameters():
+                if p.grad is not None:
+                    p.grad.copy_(D.all_reduce_mean(p.grad, self.dist))
         clip = self.cfg.optim.grad_clip if self.cfg.optim.grad_clip > 0 else float("inf")
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.parameters(), clip)
         # Checked before the update: a non-finite loss or gradient must not reach the weights,
         # the EMA or the optimizer's moments. The gradients are all-reduced, so every process
         # sees the same norm and takes the same branch.
@@ -560,6 +589,9 @@ class Trainer:
                     }
                     if self.nonfinite_steps:
                         last["nonfinite_steps"] = self.nonfinite_steps
+                    # The separate terms of a composite loss (the last step's), e.g. REPA's.
+                    for k, v in getattr(self.objective, "terms", {}).items():
+                        last[f"loss_{k}"] = float(v)
                     last = finite_or_none(last)
                     if self.dist.is_main:
                         with open(log_path, "a") as f:

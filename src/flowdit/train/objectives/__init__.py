@@ -9,6 +9,8 @@ name               class                           selected (``flow.objective=au
 ``rfpp``           :class:`RectifiedFlowPP`        ``flow.loss=rfpp``
 ``distillation``   :class:`Distillation`           ``distill.steps > 0``
 ``slimflow``       :class:`SlimFlow`               ``distill.teacher`` / ``anneal_steps`` / ``flip``
+``repa``           :class:`REPA`                   name only (``flow.objective=repa``)
+``sra``            :class:`SRA`                    name only (``flow.objective=sra``)
 =================  ==============================  ==========================================
 """
 
@@ -24,10 +26,13 @@ from .registry import (
     register_objective,
     select_objective,
 )
+from .repa import REPA, RepaSection
 from .rfpp import RectifiedFlowPP
 from .slimflow import SlimFlow
+from .sra import SRA, SraSection
 
 __all__ = ["TrainingObjective", "StepDraws", "Extras", "Velocity", "FIRST_OBJECTIVE_STREAM", "build_perceptual",
            "FlowMatching", "FlowSection", "RectifiedFlowPP", "Distillation", "DistillSection", "SlimFlow",
+           "REPA", "RepaSection", "SRA", "SraSection",
            "OBJECTIVES", "objective_names", "objective_sections", "register_objective", "select_objective",
            "build_objective", "check_objectives"]

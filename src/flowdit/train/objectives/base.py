@@ -22,7 +22,17 @@ One optimizer step of :class:`flowdit.train.trainer.Trainer` calls, in this orde
 
 An objective is built once per run, after the model, with the run config, the data set,
 the device and the autocast dtype; frozen helper networks (a perceptual distance, a
-teacher) are loaded then.
+teacher) are loaded then. The trainer then calls :meth:`TrainingObjective.bind` with the
+model being trained and its EMA copy, before it builds the optimizer: an objective that
+needs the model's hidden states (representation alignment) or its EMA (a self-teacher)
+keeps them there, and one with trainable training-only modules (a projection head) builds
+them there and returns them from :meth:`TrainingObjective.trainable`. Those modules are
+optimized with the model (same optimizer, clipped together), averaged over processes,
+saved in every checkpoint under ``heads`` and restored on resume; sampling never sees them.
+
+The ``velocity`` callable takes an optional step context, ``velocity(x, t, y, ctx=ctx)``:
+its block hooks see the blocks of the very forward pass whose gradient is taken
+(:mod:`flowdit.train.objectives.features` reads block outputs so).
 """
 
 from __future__ import annotations
@@ -43,9 +53,10 @@ if TYPE_CHECKING:
 
 __all__ = ["Velocity", "Extras", "StepDraws", "TrainingObjective", "FIRST_OBJECTIVE_STREAM", "build_perceptual"]
 
-Velocity = Callable[[Tensor, Tensor, Tensor], Tensor]
-"""``velocity(x [B, C, H, W], t [B], y [B]) -> v [B, C, H, W]``: the model being trained,
-under the run's autocast, float32 output."""
+Velocity = Callable[..., Tensor]
+"""``velocity(x [B, C, H, W], t [B], y [B], ctx=None) -> v [B, C, H, W]``: the model being
+trained, under the run's autocast, float32 output; ``ctx`` an optional
+:class:`flowdit.core.hooks.StepContext` whose hooks act inside that forward pass."""
 
 Extras = dict[str, Tensor]
 """An objective's extra per-sample draws of one step, by name; leading dimension the batch."""
@@ -61,13 +72,17 @@ class StepDraws:
 
     ``eps [G, C, H, W]``: fresh standard normal noise; ``t [G]``: times from
     ``flow.time_sampler`` after ``flow.shift`` (an objective's :meth:`TrainingObjective.draw`
-    may replace it, e.g. by a grid); ``seed``: ``train.seed``.
+    may replace it, e.g. by a grid); ``seed``: ``train.seed``; ``idx [G]``: the data
+    indices of the global batch (into the data set, or into ``data.pairs`` on pairs), so
+    that an objective can look up per-item targets it computed once (REPA's encoder
+    features).
     """
 
     step: int
     eps: Tensor
     t: Tensor
     seed: int
+    idx: Optional[Tensor] = None
 
     @property
     def size(self) -> int:
@@ -103,6 +118,19 @@ class TrainingObjective:
 
     def __init__(self, cfg: "RunConfig", dataset, device: torch.device, amp_dtype: Optional[torch.dtype]):
         self.cfg, self.dataset, self.device, self.amp_dtype = cfg, dataset, device, amp_dtype
+
+    # -- the model it trains (called once by the trainer, before the optimizer exists) -----
+
+    def bind(self, model: torch.nn.Module, ema: torch.nn.Module) -> None:
+        """Called once with the model being trained (the bare module, not its DDP or compiled
+        wrapper) and its EMA copy, after both exist and before the optimizer is built.
+        Default: nothing. Build training-only modules here (:meth:`trainable`)."""
+
+    def trainable(self) -> Optional[torch.nn.Module]:
+        """The objective's own trainable modules (a projection head), or ``None``. The
+        trainer optimizes their parameters with the model's, saves their state as the
+        checkpoint's ``heads`` tensors and restores it on resume."""
+        return None
 
     # -- selection and checks (class level: before anything is built) -------------------
 

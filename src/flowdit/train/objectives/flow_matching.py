@@ -50,7 +50,7 @@ class FlowSection:
     perceptual: Literal["guide", "lpips"] = key("guide", "perceptual distance of rfpp and distill.loss=perceptual")
     perceptual_weight: float = key(1.0, "weight of the perceptual term of rfpp")
     objective: str = key("auto", "training objective: auto (from flow.loss and distill.*) or a registered name "
-                                 "(flow_matching, rfpp, distillation, slimflow)")
+                                 "(flow_matching, rfpp, distillation, slimflow, repa, sra)")
 
     def validate(self) -> None:
         from ...core.timesteps import build_time_sampler

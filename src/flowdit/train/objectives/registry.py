@@ -11,6 +11,9 @@ Selection (:func:`select_objective`). ``flow.objective`` names a registered obje
 3. ``rfpp`` when ``flow.loss=rfpp``;
 4. ``flow_matching`` otherwise (``flow.loss`` ``mse`` / ``huber``; reflow on ``data.pairs``).
 
+``repa`` and ``sra`` (representation alignment around flow matching) are chosen only by
+name, ``flow.objective=repa`` / ``sra``.
+
 A named objective is refused when the settings choose another one than the fallback
 ``flow_matching`` (``flow.objective=rfpp`` with ``distill.steps=1``, say), so that no key is
 silently ignored.
@@ -32,8 +35,10 @@ from ...errors import ConfigError
 from .base import TrainingObjective
 from .distillation import Distillation
 from .flow_matching import FlowMatching
+from .repa import REPA
 from .rfpp import RectifiedFlowPP
 from .slimflow import SlimFlow
+from .sra import SRA
 
 if TYPE_CHECKING:
     from ..config import RunConfig
@@ -47,6 +52,8 @@ OBJECTIVES: dict[str, type[TrainingObjective]] = {
     "rfpp": RectifiedFlowPP,
     "distillation": Distillation,
     "slimflow": SlimFlow,
+    "repa": REPA,
+    "sra": SRA,
 }
 
 
