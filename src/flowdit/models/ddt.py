@@ -52,9 +52,9 @@ from ..core.hooks import StepContext, attention_hooks, block_hooks, output_hooks
 from ..errors import ConfigError
 from .attention import merge_heads, sdpa
 from .layers import LabelEmbedder, RMSNorm, SwiGLU, TimestepEmbedder, timestep_embedding
-from .mmdit import apply_rope
 
-__all__ = ["DDT", "DDTAttention", "DDTBlock", "DDTConfig", "DDTFinalLayer", "ddt_rope", "swiglu_hidden"]
+__all__ = ["DDT", "DDTAttention", "DDTBlock", "DDTConfig", "DDTFinalLayer", "apply_rope_2d", "ddt_rope",
+           "swiglu_hidden"]
 
 
 @dataclass
@@ -122,9 +122,9 @@ def swiglu_hidden(hidden_size: int, mlp_ratio: float) -> int:
 
 
 def ddt_rope(head_dim: int, height: int, width: int, theta: float = 10000.0, scale: float = 16.0,
-             device=None) -> tuple[torch.Tensor, torch.Tensor]:
-    """2D rotary positions of an ``height x width`` patch grid (row-major tokens), as the
-    reference's ``precompute_freqs_cis_2d(dim, height, width, theta, scale)``.
+             device=None) -> torch.Tensor:
+    """2D rotary positions of an ``height x width`` patch grid (row-major tokens): the reference's
+    ``precompute_freqs_cis_2d(dim, height, width, theta, scale)``.
 
     Token ``(r, c)`` sits at ``x = linspace(0, scale, width)[c]``, ``y = linspace(0, scale,
     height)[r]``; with ``f_i = theta^(-4 i / head_dim)``, ``i < head_dim / 4``, the channel pair
@@ -132,8 +132,7 @@ def ddt_rope(head_dim: int, height: int, width: int, theta: float = 10000.0, sca
     by ``y f_{(m-1)/2}`` for odd ``m`` (the reference interleaves the two axes per frequency).
 
     Returns:
-        ``cos, sin``, each ``[height * width, head_dim]`` float32, every angle repeated for the
-        two channels of its pair (the layout of ``flowdit.models.mmdit.apply_rope``).
+        ``freqs_cis [height * width, head_dim / 2]`` complex64, ``exp(i angle)`` per pair.
     """
     if head_dim % 4:
         raise ValueError(f"head dimension {head_dim} must be divisible by 4 for 2D rotary positions")
@@ -143,7 +142,15 @@ def ddt_rope(head_dim: int, height: int, width: int, theta: float = 10000.0, sca
     freqs = 1.0 / (theta ** (torch.arange(0, head_dim, 4)[: head_dim // 4].float() / head_dim))
     angles = torch.stack([torch.outer(xs.reshape(-1), freqs), torch.outer(ys.reshape(-1), freqs)], dim=-1)
     angles = angles.reshape(height * width, head_dim // 2).float()
-    return (angles.cos().repeat_interleave(2, dim=1).to(device), angles.sin().repeat_interleave(2, dim=1).to(device))
+    return torch.polar(torch.ones_like(angles), angles).to(device)
+
+
+def apply_rope_2d(x: torch.Tensor, freqs_cis: torch.Tensor) -> torch.Tensor:
+    """Rotate the channel pairs ``(x_{2m}, x_{2m+1})`` of ``x [B, H, N, Dh]`` by ``freqs_cis [N, Dh/2]``
+    (:func:`ddt_rope`) as one complex product in float32, the reference's ``apply_rotary_emb``;
+    returned in ``x.dtype``."""
+    xc = torch.view_as_complex(x.float().reshape(*x.shape[:-1], -1, 2))
+    return torch.view_as_real(xc * freqs_cis).flatten(-2).to(x.dtype)
 
 
 def _tokens(v: torch.Tensor) -> torch.Tensor:
@@ -199,14 +206,13 @@ class DDTAttention(nn.Module):
             self.q_norm, self.k_norm = RMSNorm(self.head_dim), RMSNorm(self.head_dim)
         self.proj = nn.Linear(dim, dim)
 
-    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
-                ctx: Optional[StepContext] = None) -> torch.Tensor:
-        """``x [B, N, D]`` (modulated), ``rope`` from :func:`ddt_rope` -> ``[B, N, D]``."""
+    def forward(self, x: torch.Tensor, rope: torch.Tensor, ctx: Optional[StepContext] = None) -> torch.Tensor:
+        """``x [B, N, D]`` (modulated), ``rope [N, Dh/2]`` from :func:`ddt_rope` -> ``[B, N, D]``."""
         B, N, _ = x.shape
         q, k, v = self.qkv(x).view(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
         if self.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k = apply_rope(q, rope), apply_rope(k, rope)
+        q, k = apply_rope_2d(q, rope), apply_rope_2d(k, rope)
         if ctx is not None and ctx.hooks.attention:
             q, k, v = attention_hooks(self, q, k, v, ctx)
         return self.proj(merge_heads(sdpa(q, k, v)))
@@ -234,7 +240,7 @@ class DDTBlock(nn.Module):
         """Six modulation vectors ``[B, 1, D]`` (from ``c [B, D]``) or ``[B, N, D]`` (from ``s``)."""
         return _tokens(self.adaLN_modulation[0](c)).chunk(6, dim=-1)
 
-    def forward(self, x: torch.Tensor, c: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
+    def forward(self, x: torch.Tensor, c: torch.Tensor, rope: torch.Tensor,
                 ctx: Optional[StepContext] = None) -> torch.Tensor:
         """``x [B, N, D] -> [B, N, D]`` under condition ``c`` (``[B, D]`` or ``[B, N, D]``), inside
         the context's ``block`` hooks when it has some."""
@@ -346,8 +352,8 @@ class DDT(nn.Module):
         p = self.patch_size
         return F.fold(tokens.transpose(1, 2), (height, width), kernel_size=p, stride=p)
 
-    def rope(self, height: int, width: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-        """The ``(cos, sin)`` of :func:`ddt_rope` for an ``height x width`` patch grid, cached."""
+    def rope(self, height: int, width: int, device) -> torch.Tensor:
+        """The ``freqs_cis`` of :func:`ddt_rope` for an ``height x width`` patch grid, cached."""
         key = (height, width, str(device))
         hit = self._rope_cache.get(key)
         if hit is None:
