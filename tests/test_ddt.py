@@ -381,8 +381,8 @@ def test_dp_schedule_calibrates_through_generate(model):
     assert policy.stats.calls == 6 and policy.stats.full_calls == 3  # calibration not counted
     # The same schedule given explicitly gives the same samples.
     a = generate(model, torch.arange(3), (3, 8, 8), accel=policy, **KW).images
-    b = generate(model, torch.arange(3), (3, 8, 8), accel=build_policy("ddt_share:recompute=" + "/".join(map(str, steps))),
-                 **KW).images
+    given = build_policy("ddt_share:recompute=" + "/".join(map(str, steps)))
+    b = generate(model, torch.arange(3), (3, 8, 8), accel=given, **KW).images
     assert torch.equal(a, b)
     # The reference's K = int(N / state_refresh_rate).
     p2 = build_policy("ddt_share:schedule=dp,interval=2")
@@ -390,7 +390,13 @@ def test_dp_schedule_calibrates_through_generate(model):
     assert len(p2.dp_steps) == 3
 
 
-def test_refusals(model):
+def test_spec_round_trip_and_refusals(model):
+    for spec in ("ddt_share:interval=2", "ddt_share:schedule=dp,k=3", "ddt_share:recompute=0/4/7,cfg=split"):
+        p = build_policy(spec)
+        assert repr(build_policy(repr(p))) == repr(p)
+    assert build_policy("ddt_share:recompute=0")._given == (0,)
+    with pytest.raises(ConfigError, match="leave interval and k unset"):
+        build_policy("ddt_share:recompute=0/2,interval=2")
     with pytest.raises(ConfigError, match="schedule=dp"):
         build_policy("ddt_share:k=3")
     with pytest.raises(ConfigError, match="DiT has no condition encoder"):

@@ -295,7 +295,8 @@ class DDTShare(BlockPolicyBase):
         rows, n = tokens.shape[0], tokens.shape[1]
         enc, dec = cfg.encoder_depth, cfg.depth - cfg.encoder_depth
         self.stats.block_evals += (dec + (enc if full else 0)) / cfg.depth
-        self.stats.flops += rows * (dec * model.decoder_block_flops(n) + (enc * model.encoder_block_flops(n) if full else 0))
+        flops = dec * model.decoder_block_flops(n) + (enc * model.encoder_block_flops(n) if full else 0)
+        self.stats.flops += rows * flops
         if full:
             self.stats.full_calls += 1
 

@@ -108,10 +108,12 @@ class DDTConfig:
 
     @property
     def head_dim(self) -> int:
+        """Channels per attention head, ``hidden_size / num_heads``."""
         return self.hidden_size // self.num_heads
 
     @property
     def num_tokens(self) -> int:
+        """Tokens of a square ``input_size`` image, ``(input_size / patch_size)^2``."""
         return (self.input_size // self.patch_size) ** 2
 
 
@@ -186,6 +188,7 @@ class PatchProjection(nn.Module):
         self.proj = nn.Linear(in_features, hidden_size)
 
     def forward(self, patches: torch.Tensor) -> torch.Tensor:
+        """``[B, N, C p p] -> [B, N, D]``."""
         return self.proj(patches)
 
 
