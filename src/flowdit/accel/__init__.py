@@ -11,7 +11,8 @@ The caches are a gate (full or skip, per call: ``flowdit.accel.gates``) combined
 reuse (what a skipped call returns: ``flowdit.accel.reuses``) in ``Cache``
 (``flowdit.accel.cache``); FORA, Delta-DiT, TaylorSeer, FBCache, TeaCache and
 confidence-gated Taylor are named combinations, and ``cache:gate=...,reuse=...`` builds
-any other.
+any other. ``ddt_share`` reuses a DDT's encoder state between steps (``flowdit.accel.ddt_share``,
+docs/ddt.md).
 
 See ``docs/acceleration.md``.
 """
@@ -20,6 +21,7 @@ from flowdit.sampling.context import BlockPolicy, StepContext
 
 from .base import BlockPolicyBase, FullCompute, PolicyStats, block_flops
 from .cache import Cache, Call
+from .ddt_share import DDTShare, dp_schedule, encoder_similarity
 from .delta_dit import DeltaDiT
 from .first_block_cache import FirstBlockCache, TeaCache, calibrate_teacache
 from .forecast import NewtonForecaster, TaylorForecaster, TaylorHistory
@@ -40,4 +42,5 @@ __all__ = [
     "group_mask", "TaylorForecaster", "NewtonForecaster", "TaylorHistory", "POLICIES", "build_policy", "parse_spec",
     "policy_keys", "Cache", "Call", "Gate", "ScheduleGate", "FirstBlockGate", "TeaCacheGate", "ConfidenceGate", "GATES",
     "Reuse", "ResidualReuse", "BlockReuse", "TaylorReuse", "DeltaReuse", "REUSES",
+    "DDTShare", "dp_schedule", "encoder_similarity",
 ]

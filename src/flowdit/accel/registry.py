@@ -22,6 +22,7 @@ from flowdit.errors import ConfigError
 
 from .base import BlockPolicyBase, FullCompute
 from .cache import Cache
+from .ddt_share import DDTShare
 from .delta_dit import DeltaDiT
 from .first_block_cache import FirstBlockCache, TeaCache
 from .fora import FORA
@@ -38,7 +39,7 @@ __all__ = ["POLICIES", "GENERIC", "build_policy", "parse_spec", "policy_keys"]
 POLICIES: dict[str, type[BlockPolicyBase]] = {
     cls.name: cls
     for cls in (FullCompute, FORA, DeltaDiT, TaylorSeer, GatedTaylor, FirstBlockCache, TeaCache, RAS, ToMe,
-                GroupedAttention)
+                GroupedAttention, DDTShare)
 }
 
 

@@ -81,7 +81,10 @@ def generate(
         amp_dtype: autocast dtype for the model (``None`` = fp32).
         accel: a block policy (``flowdit.accel.build_policy("taylorseer:interval=4")``)
             that decides per model call how the block stack runs. Its state is reset
-            for every batch, so a batch's result does not depend on earlier batches.
+            for every batch, so a batch's result does not depend on earlier batches. A
+            policy with a ``prepare(model, run_once, shape, key)`` method (DDT's dp encoder
+            sharing) is first handed ``run_once(labels, noise)``, one sampling call of this
+            setting with the policy in its context, to calibrate on.
 
         null: the unconditional branch's condition for guidance (a text model's empty-prompt
             condition, one row or ``N``); default the model's ``null_class``.
@@ -100,6 +103,16 @@ def generate(
     if not text:
         labels = torch.as_tensor(labels, dtype=torch.long)
     n = len(next(iter(labels.values()))) if text else len(labels)
+    prepare = getattr(accel, "prepare", None)
+    if callable(prepare):
+        def run_once(y: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+            ctx = StepContext(block_policy=accel)
+            velocity = model_velocity(model, y.to(device), cfg_scale, amp_dtype, ctx=ctx, interval=guidance_interval)
+            return sample(velocity, noise.to(device), solver=solver, steps=steps, shift=shift, rtol=rtol, atol=atol,
+                          step_context=ctx).x
+
+        prepare(model, run_once, tuple(shape),
+                (solver, steps, cfg_scale, guidance_interval, shift, str(amp_dtype), tuple(shape), str(device)))
     images, nfe = [], 0
     bar = tqdm(total=n, disable=not progress, desc=f"sample {solver}", unit="img", dynamic_ncols=True)
     for lo in range(0, n, batch_size):

@@ -1,17 +1,21 @@
-"""Models: the DiT, the MMDiT (SD3 / FLUX-style), their layers, swappable attention processors, the registry,
+"""Models: the DiT, the DDT (decoupled encoder / decoder), the MMDiT (SD3 / FLUX-style), their layers, swappable attention processors, the registry,
 and frozen text encoders."""
 
 from .attention import Attention, MathProcessor, SDPAProcessor
+from .ddt import DDT, DDTConfig
 from .dit import DiT, DiTBlock, DiTConfig
 from .mmdit import MMDiT, MMDiTConfig, text_condition
 from .mmdit_configs import MMDIT_CONFIGS
-from .registry import MODEL_CONFIGS, build_model, model_config, model_names
+from .registry import DDT_CONFIGS, MODEL_CONFIGS, build_model, model_config, model_names
 from .text_encoder import (
     HashEncoder, HFEncoder, MiniLMEncoder, TextCondition, TextEncoder, build_text_encoder, encode_cached,
 )
 
 __all__ = [
     "Attention",
+    "DDT",
+    "DDTConfig",
+    "DDT_CONFIGS",
     "DiT",
     "DiTBlock",
     "DiTConfig",

@@ -105,6 +105,23 @@ class Mlp(nn.Module):
         return self.fc2(self.act(self.fc1(x)))
 
 
+class SwiGLU(nn.Module):
+    """Gated feed-forward ``w2(SiLU(w1 x) * w3 x)`` without biases (Shazeer 2020, "GLU
+    Variants Improve Transformer"; LLaMA's ``FeedForward``): ``[..., D] -> [..., D]``
+    through ``hidden`` gated units. Parameter names ``w1``, ``w2``, ``w3`` as in LLaMA and
+    DDT (``flowdit.models.ddt``), which picks ``hidden = int(2 * mlp_ratio * D / 3)``."""
+
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        # Construction order w1, w3, w2 (the reference's): same seed, same initial weights.
+        self.w1 = nn.Linear(dim, hidden, bias=False)
+        self.w3 = nn.Linear(dim, hidden, bias=False)
+        self.w2 = nn.Linear(hidden, dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w2(torch.nn.functional.silu(self.w1(x)) * self.w3(x))
+
+
 class RMSNorm(nn.Module):
     """RMS normalisation over the last dimension with a learned gain (used for QK-norm)."""
 

@@ -8,7 +8,12 @@ shape and the number of classes come from the data and are passed in.
 Text-conditioned MMDiTs (SD3, FLUX-style; ``flowdit.models.mmdit``) are registered in
 ``mmdit_configs.MMDIT_CONFIGS`` and built by the same ``build_model``; their entries carry
 their own input size and channels (an argument replaces them) and take no class count.
-``MODEL_CONFIGS`` lists the DiTs, ``MMDIT_CONFIGS`` the MMDiTs, ``model_names()`` both.
+Decoupled Diffusion Transformers (``flowdit.models.ddt``, docs/ddt.md) are registered in
+``DDT_CONFIGS``: a condition encoder of ``encoder_depth`` blocks and a velocity decoder of
+``decoder_depth`` blocks, class-conditional like the DiTs (input shape and class count passed in).
+
+``MODEL_CONFIGS`` lists the DiTs, ``DDT_CONFIGS`` the DDTs, ``MMDIT_CONFIGS`` the MMDiTs,
+``model_names()`` all of them.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ from dataclasses import fields, replace
 from typing import Optional, Union
 
 from ..errors import ConfigError
+from .ddt import DDT, DDTConfig
 from .dit import DiT, DiTConfig
 from .mmdit import MMDiT, MMDiTConfig
 from .mmdit_configs import MMDIT_CONFIGS
@@ -48,10 +54,23 @@ MODEL_CONFIGS.update(
     }
 )
 
+DDT_CONFIGS: dict[str, dict] = {
+    # The reference's released model (MCG-NJU/DDT, configs/repa_improved_ddt_xlen22de6_256.yaml): 22 + 6 blocks.
+    "DDT-XL/2": dict(encoder_depth=22, decoder_depth=6, hidden_size=1152, num_heads=16, patch_size=2),
+    # 28x28 MNIST, patch 4, DiT-mnist's width and heads: 4 encoder + 2 decoder blocks.
+    "DDT-mnist": dict(encoder_depth=4, decoder_depth=2, hidden_size=128, num_heads=4, patch_size=4),
+    # 28x28 MNIST, patch 4: 3 encoder + 3 decoder blocks.
+    "DDT-mnist-3d3": dict(encoder_depth=3, decoder_depth=3, hidden_size=128, num_heads=4, patch_size=4),
+    # 8x8 digits, patch 2, DiT-digits' width and depth: 3 encoder + 1 decoder block.
+    "DDT-digits": dict(encoder_depth=3, decoder_depth=1, hidden_size=128, num_heads=4, patch_size=2),
+    # For tests: 2 encoder + 1 decoder block of width 32.
+    "DDT-tiny": dict(encoder_depth=2, decoder_depth=1, hidden_size=32, num_heads=2, patch_size=2),
+}
+
 
 def model_names() -> list[str]:
-    """Every registered name: the DiTs, then the MMDiTs."""
-    return [*MODEL_CONFIGS, *MMDIT_CONFIGS]
+    """Every registered name: the DiTs, the DDTs, then the MMDiTs."""
+    return [*MODEL_CONFIGS, *DDT_CONFIGS, *MMDIT_CONFIGS]
 
 
 def _check_overrides(cls, overrides: dict) -> None:
@@ -62,10 +81,11 @@ def _check_overrides(cls, overrides: dict) -> None:
 
 
 def model_config(name: str, input_size: Optional[int] = None, in_channels: Optional[int] = None,
-                 num_classes: Optional[int] = None, **overrides) -> Union[DiTConfig, MMDiTConfig]:
+                 num_classes: Optional[int] = None, **overrides) -> Union[DiTConfig, DDTConfig, MMDiTConfig]:
     """The config of a registry entry for a given input shape (and, for a DiT, class count).
 
-    ``overrides`` replace architecture fields (e.g. ``depth=4``, ``qk_norm=True``). A DiT
+    ``overrides`` replace architecture fields (e.g. ``depth=4``, ``qk_norm=True``; a DDT has
+    ``encoder_depth`` and ``decoder_depth`` instead of ``depth``). A DiT or DDT
     needs ``input_size``, ``in_channels`` and ``num_classes``; an MMDiT keeps its entry's
     ``input_size`` / ``in_channels`` where they are ``None`` and ignores ``num_classes``.
     """
@@ -76,22 +96,26 @@ def model_config(name: str, input_size: Optional[int] = None, in_channels: Optio
         cfg = replace(MMDiTConfig(**arch), **{k: v for k, v in overrides.items() if v is not None})
         cfg.validate()
         return cfg
-    if name not in MODEL_CONFIGS:
+    if name not in MODEL_CONFIGS and name not in DDT_CONFIGS:
         raise ConfigError(f"unknown model {name!r}; known models: {', '.join(model_names())}")
-    _check_overrides(DiTConfig, overrides)
+    cls, arch = (DiTConfig, MODEL_CONFIGS[name]) if name in MODEL_CONFIGS else (DDTConfig, DDT_CONFIGS[name])
+    _check_overrides(cls, overrides)
     missing = [k for k, v in (("input_size", input_size), ("in_channels", in_channels),
                               ("num_classes", num_classes)) if v is None]
     if missing:
         raise ConfigError(f"model {name!r} needs {', '.join(missing)}")
-    cfg = DiTConfig(input_size=input_size, in_channels=in_channels, num_classes=num_classes, **MODEL_CONFIGS[name])
+    cfg = cls(input_size=input_size, in_channels=in_channels, num_classes=num_classes, **arch)
     cfg = replace(cfg, **{k: v for k, v in overrides.items() if v is not None})
     cfg.validate()
     return cfg
 
 
 def build_model(name: str, input_size: Optional[int] = None, in_channels: Optional[int] = None,
-                num_classes: Optional[int] = None, **overrides) -> Union[DiT, MMDiT]:
-    """Build a registry model, e.g. ``build_model("DiT-S/2", 32, 4, 1000)`` or
-    ``build_model("SD3-medium")`` (on the meta device: ``with torch.device("meta"): ...``)."""
+                num_classes: Optional[int] = None, **overrides) -> Union[DiT, DDT, MMDiT]:
+    """Build a registry model, e.g. ``build_model("DiT-S/2", 32, 4, 1000)``,
+    ``build_model("DDT-mnist", 28, 1, 10)`` or ``build_model("SD3-medium")`` (on the meta
+    device: ``with torch.device("meta"): ...``)."""
     cfg = model_config(name, input_size, in_channels, num_classes, **overrides)
-    return MMDiT(cfg) if isinstance(cfg, MMDiTConfig) else DiT(cfg)
+    if isinstance(cfg, MMDiTConfig):
+        return MMDiT(cfg)
+    return DDT(cfg) if isinstance(cfg, DDTConfig) else DiT(cfg)

@@ -63,7 +63,7 @@ class ModelSection:
     """Which registry model to build; ``None`` fields keep the registry's value."""
 
     name: str = _key("DiT-digits", "registry model (DiT-S/2 ... DiT-XL/8, DiT-digits, DiT-mnist, DiT-mnist-S, "
-                                   "DiT-mnist/2, DiT-tiny)")
+                                   "DiT-mnist/2, DiT-tiny; DDT-mnist, DDT-mnist-3d3, DDT-digits, DDT-XL/2, DDT-tiny)")
     depth: Optional[int] = _key(None, "number of transformer blocks (null: the registry's)")
     hidden_size: Optional[int] = _key(None, "token width (null: the registry's)")
     num_heads: Optional[int] = _key(None, "attention heads (null: the registry's)")
