@@ -211,3 +211,19 @@ def test_block_out_of_range_is_one_line_with_exit_2(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2 and len(err) == 1 and "sra.teacher_block" in err[0]
     assert not (tmp_path / "x" / "checkpoints").exists()
+
+
+@pytest.mark.parametrize("objective", ["repa", "sra"])
+def test_alignment_runs_on_a_ddt_and_taps_its_encoder(tmp_path, objective):
+    tr = Trainer(tiny_config(tmp_path, "model.name=DDT-tiny", f"flow.objective={objective}", "train.steps=2"),
+                 progress=False)
+    blocks = [tr.objective.block] if objective == "repa" else [tr.objective.student_block, tr.objective.teacher_block]
+    assert all(1 <= b <= len(tr.model.blocks) for b in blocks)
+    tr.fit()
+    assert set(tr.objective.terms) == {"flow", objective}
+    assert all(bool(torch.isfinite(v)) for v in tr.objective.terms.values())
+
+
+def test_a_model_without_blocks_is_refused_by_name(tmp_path):
+    with pytest.raises(ConfigError, match="repa.block"):
+        Trainer(tiny_config(tmp_path, "model.name=DiCo-tiny", "flow.objective=repa"), progress=False)

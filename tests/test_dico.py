@@ -96,3 +96,17 @@ def test_hooks_are_refused():
 
     with pytest.raises(ConfigError, match="DiCo"):
         small()(torch.randn(1, 1, 8, 8), torch.rand(1), torch.tensor([1]), ctx=StepContext(hooks=[H()]))
+
+
+def test_a_dico_run_trains_saves_and_samples_through_the_cli(tmp_path):
+    from flowdit.cli import main
+    from flowdit.inference import load_run_model
+
+    rc = main(["train", "--no-progress", "model.name=DiCo-tiny", "train.batch_size=8", "train.steps=2",
+               "train.sample_every=0", "sample.num_eval=10", "sample.steps=2", "train.precision=fp32",
+               f"out_dir={tmp_path}", "name=d"])
+    assert rc == 0
+    model, meta = load_run_model(tmp_path / "d")
+    assert isinstance(model, DiCo) and meta["model_class"] == "DiCo"
+    assert main(["sample", "--ckpt", str(tmp_path / "d"), "--num", "4", "--steps", "2",
+                 "--out", str(tmp_path / "s.png")]) == 0

@@ -7,6 +7,7 @@ from pathlib import Path
 from ..checkpoint_io import load_checkpoint, load_state_dict_strict, nonfinite_tensors
 from ..errors import CheckpointError
 from ..models import DDT, DDTConfig, DiT, DiTConfig
+from ..models.dico import DiCo, DiCoConfig
 from ..models.mmdit import MMDiT, MMDiTConfig
 from ..models.adapters import apply_adapters
 from ..models.quantized import apply_quantized
@@ -19,7 +20,7 @@ def load_run_model(path: str | Path, use_ema: bool = True, map_location: str = "
 
     Returns ``(model in eval mode, meta)`` where ``meta`` holds the run's resolved config,
     model config and data description; the class is rebuilt from the manifest's ``model_class``
-    (``DiT``, ``DDT`` or ``MMDiT``, recorded by the trainer); a text-conditioned run (MMDiT) also
+    (``DiT``, ``DDT``, ``DiCo`` or ``MMDiT``, recorded by the trainer); a text-conditioned run (MMDiT) also
     records its text encoder and, when trained on latents, the latent cache's autoencoder. ``use_ema`` picks the EMA weights (the ones to
     sample from) over the raw training weights.
     """
@@ -33,6 +34,8 @@ def load_run_model(path: str | Path, use_ema: bool = True, map_location: str = "
         model = MMDiT(MMDiTConfig(**mc))
     elif ckpt.meta.get("model_class") == "DDT":  # a Decoupled Diffusion Transformer (flowdit.models.ddt)
         model = DDT(DDTConfig(**mc))
+    elif ckpt.meta.get("model_class") == "DiCo":  # a diffusion ConvNet (flowdit.models.dico)
+        model = DiCo(DiCoConfig(**dict(mc, depth=tuple(mc["depth"]))))
     else:
         model = DiT(DiTConfig(**mc))
     which = "ema" if use_ema else "model"

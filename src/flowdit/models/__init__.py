@@ -1,12 +1,13 @@
-"""Models: the DiT, the DDT (decoupled encoder / decoder), the MMDiT (SD3 / FLUX-style), their layers, swappable attention processors, the registry,
+"""Models: the DiT, the DDT (decoupled encoder / decoder), DiCo (a diffusion ConvNet), the MMDiT (SD3 / FLUX-style), their layers, swappable attention processors, the registry,
 and frozen text encoders."""
 
 from .attention import Attention, MathProcessor, SDPAProcessor
 from .ddt import DDT, DDTConfig
+from .dico import DiCo, DiCoConfig
 from .dit import DiT, DiTBlock, DiTConfig
 from .mmdit import MMDiT, MMDiTConfig, text_condition
 from .mmdit_configs import MMDIT_CONFIGS
-from .registry import DDT_CONFIGS, MODEL_CONFIGS, build_model, model_config, model_names
+from .registry import DDT_CONFIGS, DICO_CONFIGS, MODEL_CONFIGS, build_model, model_config, model_names
 from .text_encoder import (
     HashEncoder, HFEncoder, MiniLMEncoder, TextCondition, TextEncoder, build_text_encoder, encode_cached,
 )
@@ -14,6 +15,9 @@ from .text_encoder import (
 __all__ = [
     "Attention",
     "DDT",
+    "DiCo",
+    "DiCoConfig",
+    "DICO_CONFIGS",
     "DDTConfig",
     "DDT_CONFIGS",
     "DiT",

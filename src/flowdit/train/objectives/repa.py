@@ -155,7 +155,7 @@ class REPA(TrainingObjective):
         self.block = r.block if r.block is not None else max(1, round(8 * depth / 28))
         check_blocks(model, {"repa.block": self.block})
         self.model = model
-        D = model.blocks[0].norm1.normalized_shape[0]
+        D = model.config.hidden_size
         P = r.projector_dim if r.projector_dim is not None else max(64, 64 * round(2048 * D / 1152 / 64))
         self.z = self._cache_features(model)
         with torch.random.fork_rng(devices=[]):

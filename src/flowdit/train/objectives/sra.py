@@ -142,7 +142,7 @@ class SRA(TrainingObjective):
         self.teacher_block = s.teacher_block if s.teacher_block is not None else max(1, round(8 * depth / 12))
         check_blocks(model, {"sra.student_block": self.student_block, "sra.teacher_block": self.teacher_block})
         self.model, self.teacher = model, ema
-        D = model.blocks[0].norm1.normalized_shape[0]
+        D = model.config.hidden_size
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(self.cfg.train.seed)
             self.head = build_sra_head(D)
