@@ -52,6 +52,11 @@ PRESETS: dict[str, list[str]] = {
     "baseline": [],
     "repa": ["flow.objective=repa", "repa.encoder=guide"],
     "sra": ["flow.objective=sra"],
+    "ddt": ["model.name=DDT-mnist"],
+    "ddt-3d3": ["model.name=DDT-mnist-3d3"],
+    "ddt-repa": ["model.name=DDT-mnist", "flow.objective=repa", "repa.encoder=guide"],
+    "dico": ["model.name=DiCo-mnist"],
+    "dico-F": ["model.name=DiCo-mnist-F"],
 }
 
 
@@ -71,6 +76,8 @@ def parse_args(argv=None):
     p.add_argument("--solver", default="heun")
     p.add_argument("--sample-steps", type=int, default=8)
     p.add_argument("--cfg", type=float, default=1.5)
+    p.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto",
+                   help="autocast of the scoring samples (auto: bf16 where the CPU runs it natively)")
     p.add_argument("--runs", default="runs/eff", help="directory of the training runs")
     p.add_argument("--name", default="train_efficiency_mnist")
     p.add_argument("--phases", default="train,score,time", help="any of train, score, time, report (always)")
@@ -150,8 +157,11 @@ def checkpoints(run: Path) -> dict[int, Path]:
 
 def score_phase(args, methods: dict, seeds: list[int]) -> dict:
     """Score every checkpoint; returns ``{method: {seed: {step: metrics}}}``."""
+    from flowdit.utils.precision import autocast_dtype
+
+    amp = autocast_dtype(args.precision, torch.device("cpu"))
     setting = {"solver": args.solver, "steps": args.sample_steps, "cfg": args.cfg, "num": args.num,
-               "config": args.config, "set": args.set}
+               "config": args.config, "set": args.set, "amp": str(amp)}
     cells = Cells(RESULTS / f"{args.name}.cells", setting)
     out: dict = {}
     for m in methods:
@@ -169,7 +179,7 @@ def score_phase(args, methods: dict, seeds: list[int]) -> dict:
                     labels = balanced_labels(model.num_classes, args.num)
                     t0 = time.perf_counter()
                     gen = generate(model, labels, shape, solver=args.solver, steps=args.sample_steps,
-                                   cfg_scale=args.cfg, seed=0, batch_size=250)
+                                   cfg_scale=args.cfg, seed=0, batch_size=250, amp_dtype=amp)
                     metrics = evaluate_samples(gen.images, gen.labels, data["dataset"], root=data.get("root"), seed=0)
                     rec = {"metrics": {k: v for k, v in metrics.items() if isinstance(v, (int, float))},
                            "seconds": time.perf_counter() - t0}
@@ -280,7 +290,8 @@ def plot(args, payload: dict, timing: dict, path: Path) -> None:
         ax.set_yscale("log")
         ax.grid(alpha=0.3)
         ax.legend()
-    fig.suptitle(f"{args.config}: FID of {args.num} samples ({args.solver} {args.sample_steps} steps, CFG {args.cfg})")
+    fig.suptitle(f"{args.config}: FID of {args.num} samples ({args.solver} {args.sample_steps} steps, CFG {args.cfg})",
+                 fontsize=10)
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
