@@ -40,7 +40,8 @@ def resolve_config(args: argparse.Namespace):
     cfg = from_dict(cls, data)
     if cfg.dataset == "mnist" and not cfg.root:
         if not os.environ.get(MNIST_ENV):
-            raise ConfigError(f"--dataset mnist needs the directory of its IDX files: pass --root DIR (or set {MNIST_ENV})")
+            raise ConfigError(f"--dataset mnist needs the directory of its IDX files: pass --root DIR "
+                              f"(or set {MNIST_ENV})")
         cfg = dataclasses.replace(cfg, root=os.environ[MNIST_ENV])
     if cfg.dataset in ("mnist", "folder"):
         if not cfg.root:
@@ -56,6 +57,7 @@ def resolve_config(args: argparse.Namespace):
 
 
 def cmd_encoder_train(args: argparse.Namespace) -> int:
+    """``flowdit encoder train``: train, probe, write the encoder; prints both probe accuracies."""
     from ..train.ssl_encoder import SSLEncoderTrainer
 
     cfg = resolve_config(args)

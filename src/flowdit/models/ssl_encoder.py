@@ -104,6 +104,7 @@ class _Residual(nn.Module):
         self.norm2 = _norm(groups, ch)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``[B, c, h, w] -> [B, c, h, w]``."""
         h = F.relu(self.norm1(self.conv1(x)))
         return F.relu(x + self.norm2(self.conv2(h)))
 
