@@ -8,11 +8,11 @@ import sys
 
 from .. import __version__
 from ..errors import FlowditError
-from . import autoencoder, bench, compress, edit, evaluate, evaluator, reflow, sample, train
+from . import autoencoder, bench, compress, edit, encoder, evaluate, evaluator, reflow, sample, train
 from .common import _Parser
 
 # The order of ``flowdit --help``.
-COMMANDS = (train, sample, evaluate, reflow, evaluator, autoencoder, edit, compress, bench)
+COMMANDS = (train, sample, evaluate, reflow, evaluator, autoencoder, encoder, edit, compress, bench)
 
 
 def build_parser() -> argparse.ArgumentParser:
