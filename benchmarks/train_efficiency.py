@@ -51,6 +51,7 @@ from flowdit.inference.generate import balanced_labels, generate  # noqa: E402
 PRESETS: dict[str, list[str]] = {
     "baseline": [],
     "repa": ["flow.objective=repa", "repa.encoder=guide"],
+    "repa-ssl": ["flow.objective=repa", "repa.encoder=runs/ssl-mnist"],  # flowdit encoder train --out runs/ssl-mnist
     "sra": ["flow.objective=sra"],
     "ddt": ["model.name=DDT-mnist"],
     "ddt-3d3": ["model.name=DDT-mnist-3d3"],

@@ -227,3 +227,24 @@ def test_alignment_runs_on_a_ddt_and_taps_its_encoder(tmp_path, objective):
 def test_a_model_without_blocks_is_refused_by_name(tmp_path):
     with pytest.raises(ConfigError, match="repa.block"):
         Trainer(tiny_config(tmp_path, "model.name=DiCo-tiny", "flow.objective=repa"), progress=False)
+
+
+def test_repa_aligns_to_a_self_supervised_encoder_directory(tmp_path):
+    from flowdit.models.ssl_encoder import load_ssl_encoder
+    from flowdit.train.ssl_config import SSLTrainConfig
+    from flowdit.train.ssl_encoder import SSLEncoderTrainer
+
+    enc_dir = tmp_path / "enc"
+    SSLEncoderTrainer(SSLTrainConfig(dataset="digits", width=8, feature_dim=16, proj_hidden=32, proj_dim=16,
+                                     batch_size=32, warmup_steps=2, probe_train=400, probe_test=150,
+                                     precision="fp32", device="cpu", out=str(enc_dir), steps=2, ckpt_every=2),
+                      progress=False).fit()
+    tr = Trainer(tiny_config(tmp_path, "flow.objective=repa", f"repa.encoder={enc_dir}"), progress=False)
+    enc = load_ssl_encoder(enc_dir)
+    b = tr.draw_step(0)
+    x, _ = tr.dataset.batch(b["idx"])
+    with torch.no_grad():
+        z = enc.feature_map(x).flatten(2).transpose(1, 2)  # [G, 16 tokens, 16 features] on 8x8 digits
+    assert b["extras"]["repa_z"].shape == z.shape
+    assert torch.allclose(b["extras"]["repa_z"].float(), z, atol=2e-3 * float(z.abs().max()))
+    tr.close()
