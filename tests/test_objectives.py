@@ -87,7 +87,7 @@ def test_a_registered_objective_is_trained_without_touching_the_trainer(tmp_path
 
 def test_unknown_objective_is_refused_in_one_line_naming_the_key(tmp_path, capsys):
     with pytest.raises(ConfigError, match=r"^flow\.objective: unknown training objective 'nope'; valid: auto, "
-                                          r"flow_matching, rfpp, distillation, slimflow$"):
+                                          r"flow_matching, rfpp, distillation, slimflow, repa, sra$"):
         load_config(RunConfig, None, ["flow.objective=nope"])
     capsys.readouterr()
     assert main(["train", "--no-progress", "--no-outputs", *TINY, f"out_dir={tmp_path}", "flow.objective=nope"]) == 2
@@ -128,4 +128,4 @@ def test_registering_checks_the_name_and_the_sections():
     for cls, msg in ((NoName, "empty"), (Clash, "already registered"), (NewSection, "not part of the run config")):
         with pytest.raises(ValueError, match=msg):
             register_objective(cls)
-    assert set(OBJECTIVES) == {"flow_matching", "rfpp", "distillation", "slimflow"}
+    assert set(OBJECTIVES) == {"flow_matching", "rfpp", "distillation", "slimflow", "repa", "sra"}
