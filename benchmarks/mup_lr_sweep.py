@@ -164,9 +164,10 @@ def report(args, results: dict, summary: dict) -> str:
             vert = "-" if r["vertex_log2_lr"] is None else f"2^{r['vertex_log2_lr']:.2f}"
             rows.append(f"| {param} | {w} | " + " | ".join(cells) + f" | {best} | {vert} |")
     table = markdown_table(head, rows)
-    lines = ["", f"Final training loss: mean of the last {args.tail} of {args.steps} steps (batch, recipe "
-                 f"{args.config}; head size {args.head_dim}; muP base width {args.base_width}); bold: the grid argmin.",
-             ""]
+    lines = ["", f"Final training loss: mean of the last {args.tail} of {args.steps} steps (recipe {args.config}, "
+                 f"fp32, seed {args.seed}{', ' + ' '.join(args.set) if args.set else ''}; head size {args.head_dim}; "
+                 f"muP base width {args.base_width}); bold: the grid argmin; parabola: the vertex through the argmin "
+                 "and its neighbours.", ""]
     w0, w1 = args.widths[0], args.widths[-1]
     sh = "| param | best lr per width | optimum shift {0} -> {1} (grid / parabola, log2) | regret at {1} with the lr best at {0} |".format(w0, w1)
     srows = []
@@ -208,7 +209,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     recipe = Path(args.config).read_bytes()
     setting = {"recipe": hashlib.sha256(recipe).hexdigest()[:16], "steps": args.steps, "head_dim": args.head_dim,
-               "base_width": args.base_width, "seed": args.seed, "set": list(args.set), "torch": torch.__version__,
+               "base_width": args.base_width, "seed": args.seed, "set": list(args.set), "torch": str(torch.__version__),
                "threads": torch.get_num_threads()}
     cells = Cells(Path(args.cells), setting, fresh=args.fresh)
     results = {}

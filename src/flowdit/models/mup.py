@@ -225,7 +225,7 @@ def coord_check(x0: torch.Tensor, y: torch.Tensor, num_classes: int, widths: Seq
         num_classes: the label count (``y`` may hold the null class ``num_classes``).
         widths: hidden sizes, each ``num_heads * head_dim`` (width grows by heads).
         depth, patch_size, mlp_ratio: the rest of the architecture.
-        steps: AdamW updates (no weight decay, no clipping, as the reference); activations
+        steps: AdamW updates (no weight decay, no clipping); activations
             are recorded on the forward before each update and once after the last.
         lr: the (base) learning rate.
         seeds: the model initialisation and the batch's noise and times are drawn from each
