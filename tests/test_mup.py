@@ -117,7 +117,7 @@ def test_readout_is_zero_with_its_multiplier_and_init_variances_follow_fan_in():
                       (m.blocks[0].adaLN_modulation[1].weight, 256), (m.t_embedder.mlp[0].weight, 256),
                       (m.x_embedder.proj.weight, 4)):
         assert float(w.detach().std()) == pytest.approx(fan_in**-0.5, rel=0.1)
-    assert float(m.y_embedder.embedding_table.weight.std()) == pytest.approx(1.0, rel=0.15)
+    assert float(m.y_embedder.embedding_table.weight.detach().std()) == pytest.approx(1.0, rel=0.15)
     assert float(m.blocks[0].attn.qkv.bias.abs().max()) == 0.0
 
 
@@ -219,5 +219,18 @@ def test_standard_run_keeps_one_group_at_the_scheduled_rate(tmp_path):
         assert len(tr.optimizer.param_groups) == 1 and "lr_scale" not in tr.optimizer.param_groups[0]
         tr.train_step()
         assert tr.optimizer.param_groups[0]["lr"] == tr.lr_at(0)
+    finally:
+        tr.close()
+
+
+def test_objective_heads_keep_the_base_learning_rate(tmp_path):
+    cfg = load_config(RunConfig, None, TINY + [f"out_dir={tmp_path}", "name=h", "flow.objective=sra"])
+    tr = Trainer(cfg, progress=False)
+    try:
+        assert tr.heads is not None
+        groups = {g["mup"]: g for g in tr.optimizer.param_groups}
+        assert {id(p) for p in groups["heads"]["params"]} == {id(p) for p in tr.heads.parameters()}
+        tr.train_step()
+        assert groups["heads"]["lr"] == tr.lr_at(0) and groups["hidden"]["lr"] == pytest.approx(tr.lr_at(0) / 2)
     finally:
         tr.close()
