@@ -118,7 +118,7 @@ def test_readout_is_zero_with_its_multiplier_and_init_variances_follow_fan_in():
                       (m.x_embedder.proj.weight, 4)):
         assert float(w.detach().std()) == pytest.approx(fan_in**-0.5, rel=0.1)
     assert float(m.y_embedder.embedding_table.weight.detach().std()) == pytest.approx(1.0, rel=0.15)
-    assert float(m.blocks[0].attn.qkv.bias.abs().max()) == 0.0
+    assert float(m.blocks[0].attn.qkv.bias.detach().abs().max()) == 0.0
 
 
 @pytest.fixture(scope="module")
