@@ -11,6 +11,7 @@ conventions (docs/conventions.md, docs/interop.md).
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 from typing import Iterable, Optional
 
@@ -27,7 +28,14 @@ from .layers import (LabelEmbedder, Mlp, PatchEmbed, TimestepEmbedder, modulate,
 
 @dataclass
 class DiTConfig:
-    """Architecture of a DiT. ``input_size`` is the image (or latent) side length."""
+    """Architecture of a DiT. ``input_size`` is the image (or latent) side length.
+
+    ``mup_base_width`` (``None``: the standard parametrisation) makes the model a muP DiT
+    (:mod:`flowdit.models.mup`): its weights start from the muP initialisation and its
+    readout multiplies its input by ``mup_output_mult * mup_base_width / hidden_size``
+    (``MuReadout``). Both fields are left out of :meth:`DiT.config_dict` at their defaults,
+    so the configs of existing runs stay as they were saved.
+    """
 
     input_size: int = 32
     in_channels: int = 4
@@ -39,6 +47,8 @@ class DiTConfig:
     num_classes: int = 1000
     qk_norm: bool = False
     time_scale: float = 1000.0
+    mup_base_width: Optional[int] = None
+    mup_output_mult: float = 1.0
 
     def validate(self) -> None:
         from ..errors import ConfigError
@@ -54,10 +64,30 @@ class DiTConfig:
         for key in ("input_size", "in_channels", "patch_size", "hidden_size", "depth", "num_heads", "num_classes"):
             if getattr(self, key) <= 0:
                 raise ConfigError(f"model.{key} must be positive, got {getattr(self, key)}")
+        if self.mup_base_width is not None and (isinstance(self.mup_base_width, bool) or not isinstance(
+                self.mup_base_width, int) or self.mup_base_width <= 0):
+            raise ConfigError(f"model.mup_base_width must be a positive integer or null, got {self.mup_base_width!r}")
+        if not (isinstance(self.mup_output_mult, (int, float)) and math.isfinite(self.mup_output_mult)
+                and self.mup_output_mult > 0):
+            raise ConfigError(f"model.mup_output_mult must be a positive number, got {self.mup_output_mult!r}")
+        if self.mup_base_width is None and self.mup_output_mult != 1.0:
+            raise ConfigError("model.mup_output_mult applies to a muP model: set model.mup_base_width too")
+
+    @property
+    def readout_mult(self) -> Optional[float]:
+        """The muP readout multiplier ``mup_output_mult / (hidden_size / mup_base_width)``
+        (``MuReadout``), or ``None`` for the standard parametrisation."""
+        if self.mup_base_width is None:
+            return None
+        return self.mup_output_mult * self.mup_base_width / self.hidden_size
 
     @property
     def num_tokens(self) -> int:
         return (self.input_size // self.patch_size) ** 2
+
+
+# DiTConfig fields left out of config_dict() while at these values.
+_MUP_DEFAULTS = {"mup_base_width": None, "mup_output_mult": 1.0}
 
 
 class DiTBlock(nn.Module):
@@ -126,17 +156,25 @@ class DiTBlock(nn.Module):
 
 
 class FinalLayer(nn.Module):
-    """adaLN-modulated LayerNorm and a linear map from tokens to ``p * p * C`` pixels."""
+    """adaLN-modulated LayerNorm and a linear map from tokens to ``p * p * C`` pixels.
 
-    def __init__(self, hidden_size: int, patch_size: int, out_channels: int):
+    ``input_mult`` (muP's readout, ``MuReadout``): the modulated tokens are multiplied by
+    it before the linear map, ``out = W (input_mult h) + b``; ``None`` skips the product.
+    """
+
+    def __init__(self, hidden_size: int, patch_size: int, out_channels: int, input_mult: Optional[float] = None):
         super().__init__()
+        self.input_mult = input_mult
         self.norm_final = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
         self.linear = nn.Linear(hidden_size, patch_size * patch_size * out_channels)
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 2 * hidden_size))
 
     def forward(self, x: torch.Tensor, c_act: torch.Tensor) -> torch.Tensor:
         shift, scale = self.adaLN_modulation[1](c_act).chunk(2, dim=-1)
-        return self.linear(modulate(self.norm_final(x), shift, scale))
+        h = modulate(self.norm_final(x), shift, scale)
+        if self.input_mult is not None:
+            h = h * self.input_mult
+        return self.linear(h)
 
 
 class DiT(nn.Module):
@@ -159,7 +197,7 @@ class DiT(nn.Module):
         self.blocks = nn.ModuleList(
             DiTBlock(D, config.num_heads, config.mlp_ratio, config.qk_norm) for _ in range(config.depth)
         )
-        self.final_layer = FinalLayer(D, p, self.out_channels)
+        self.final_layer = FinalLayer(D, p, self.out_channels, config.readout_mult)
         # Activation (gradient) checkpointing of the block stack while training; the
         # trainer sets it from ``train.grad_checkpoint``.
         self.grad_checkpointing = False
@@ -172,7 +210,13 @@ class DiT(nn.Module):
 
     def initialize_weights(self) -> None:
         """DiT's initialisation: Xavier-uniform linears, N(0, 0.02) embeddings, and zeros for
-        every adaLN modulation and the output layer (adaLN-Zero)."""
+        every adaLN modulation and the output layer (adaLN-Zero). A muP model
+        (``config.mup_base_width`` set) takes :func:`flowdit.models.mup.mup_initialize` instead."""
+        if self.config.mup_base_width is not None:
+            from .mup import mup_initialize
+
+            mup_initialize(self)
+            return
 
         xavier_linears_and_patches(self, self.x_embedder.proj)
         nn.init.normal_(self.y_embedder.embedding_table.weight, std=0.02)
@@ -255,4 +299,8 @@ class DiT(nn.Module):
         return sum(p.numel() for p in self.parameters() if p.requires_grad or not trainable_only)
 
     def config_dict(self) -> dict:
-        return asdict(self.config)
+        """The ``DiTConfig`` as a plain dict, as saved with checkpoints. The muP fields
+        (``mup_base_width``, ``mup_output_mult``) appear only when they differ from their
+        defaults, so configs saved before they existed still compare equal."""
+        return {k: v for k, v in asdict(self.config).items()
+                if not (k in _MUP_DEFAULTS and v == _MUP_DEFAULTS[k])}

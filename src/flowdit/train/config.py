@@ -70,9 +70,14 @@ class ModelSection:
     patch_size: Optional[int] = _key(None, "patch side in pixels (null: the registry's)")
     mlp_ratio: Optional[float] = _key(None, "MLP width / token width (null: the registry's)")
     qk_norm: Optional[bool] = _key(None, "RMS-normalise queries and keys (null: the registry's; off for the DiTs)")
+    mup_base_width: Optional[int] = _key(None, "muP with this base width (hidden size of the tuned proxy; grow the "
+                                               "width by num_heads): muP init and readout, AdamW lr x base/width "
+                                               "on hidden matrices (null: standard parametrisation; DiTs only)")
+    mup_output_mult: Optional[float] = _key(None, "muP readout multiplier (null: 1; needs model.mup_base_width)")
 
     def overrides(self) -> dict:
-        keys = ("depth", "hidden_size", "num_heads", "patch_size", "mlp_ratio", "qk_norm")
+        keys = ("depth", "hidden_size", "num_heads", "patch_size", "mlp_ratio", "qk_norm", "mup_base_width",
+                "mup_output_mult")
         return {k: getattr(self, k) for k in keys if getattr(self, k) is not None}
 
     def validate(self) -> None:
@@ -82,7 +87,13 @@ class ModelSection:
 
         if self.name not in model_names():
             raise ConfigError(f"model.name: unknown model {self.name!r}; known models: {', '.join(model_names())}")
-        _positive("model", self, "depth", "hidden_size", "num_heads", "patch_size", "mlp_ratio")
+        _positive("model", self, "depth", "hidden_size", "num_heads", "patch_size", "mlp_ratio", "mup_base_width",
+                  "mup_output_mult")
+        from ..models.mmdit_configs import MMDIT_CONFIGS
+
+        if self.name in MMDIT_CONFIGS and (self.mup_base_width is not None or self.mup_output_mult is not None):
+            raise ConfigError(f"model.mup_base_width / mup_output_mult apply to the class-conditional DiTs, "
+                              f"not {self.name}")
 
 
 @dataclass

@@ -219,7 +219,7 @@ class Trainer:
         if self.heads is not None:
             self.heads.to(self.device)
         self.optimizer = torch.optim.AdamW(
-            self.parameters(), lr=cfg.optim.lr, betas=tuple(cfg.optim.betas), weight_decay=cfg.optim.weight_decay,
+            self.param_groups(), lr=cfg.optim.lr, betas=tuple(cfg.optim.betas), weight_decay=cfg.optim.weight_decay,
         )
         self.step = 0
         if resume:
@@ -235,6 +235,20 @@ class Trainer:
         if self.heads is not None:
             params += list(self.heads.parameters())
         return params
+
+    def param_groups(self) -> list:
+        """What the AdamW is built from: :meth:`parameters` (one learning rate), or for a muP
+        model (``model.mup_base_width``) the groups of :func:`flowdit.models.mup.mup_param_groups`
+        (hidden matrices at ``lr x base / width``) plus the objective's heads at the base rate.
+        Each group's ``lr_scale`` multiplies the scheduled learning rate (:meth:`train_step`)."""
+        if getattr(self.model.config, "mup_base_width", None) is None:
+            return self.parameters()
+        from ..models.mup import mup_param_groups
+
+        groups = mup_param_groups(self.model, self.cfg.optim.lr, self.cfg.optim.weight_decay)
+        if self.heads is not None:
+            groups.append({"params": list(self.heads.parameters()), "lr_scale": 1.0, "mup": "heads"})
+        return groups
 
     def _load_data(self):
         """The training data: a latent cache (``data.latents``) or the named image data set."""
@@ -502,7 +516,7 @@ class Trainer:
         x0, y, eps, t, extras = batch["x0"], batch["y"], batch["eps"], batch["t"], batch["extras"]
         lr = self.lr_at(self.step)
         for group in opt.param_groups:
-            group["lr"] = lr
+            group["lr"] = lr * group.get("lr_scale", 1.0)
         loss_sum = torch.zeros((), device=self.device)
         mb = self.micro_batch
         for m in range(tc.grad_accum):
