@@ -51,7 +51,7 @@ from torch.utils.checkpoint import checkpoint
 from ..core.hooks import StepContext, attention_hooks, block_hooks, output_hooks
 from ..errors import ConfigError
 from .attention import merge_heads, sdpa
-from .layers import LabelEmbedder, RMSNorm, SwiGLU, TimestepEmbedder, timestep_embedding
+from .layers import LabelEmbedder, RMSNorm, SwiGLU, TimestepEmbedder, batch_conditions, timestep_embedding
 
 __all__ = ["DDT", "DDTAttention", "DDTBlock", "DDTConfig", "DDTFinalLayer", "apply_rope_2d", "ddt_rope",
            "swiglu_hidden"]
@@ -381,12 +381,7 @@ class DDT(nn.Module):
         encoder's activated condition ``c = SiLU(T(1 - t) + Y(y)) [B, D]`` (``y = None``: the
         null class). ``t`` is flowdit's time (``t = 0`` data), ``1 - t`` the reference's."""
         self._check(x)
-        B = x.shape[0]
-        t = torch.as_tensor(t, device=x.device, dtype=torch.float32)
-        if t.ndim == 0:
-            t = t.expand(B)
-        if y is None:
-            y = torch.full((B,), self.null_class, device=x.device, dtype=torch.long)
+        t, y = batch_conditions(x, t, y, self.null_class)
         t_emb = self.t_embedder(1.0 - t)
         return self.patchify(x), t_emb, F.silu(t_emb + self.y_embedder(y))
 

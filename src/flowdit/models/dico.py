@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import ConfigError
-from .layers import LabelEmbedder, TimestepEmbedder
+from .layers import LabelEmbedder, TimestepEmbedder, batch_conditions
 
 __all__ = ["DiCoConfig", "DiCoBlock", "DiCo"]
 
@@ -180,12 +180,7 @@ class DiCo(nn.Module):
                               "use them with a transformer")
         if x.ndim != 4 or x.shape[1] != self.in_channels:
             raise ValueError(f"expected x of shape [B, {self.in_channels}, H, W], got {tuple(x.shape)}")
-        B = x.shape[0]
-        t = torch.as_tensor(t, device=x.device, dtype=torch.float32)
-        if t.ndim == 0:
-            t = t.expand(B)
-        if y is None:
-            y = torch.full((B,), self.null_class, device=x.device, dtype=torch.long)
+        t, y = batch_conditions(x, t, y, self.null_class)
         c1, c2, c3 = (te(t) + ye(y) for te, ye in zip(self.t_embedders, self.y_embedders))
         h1 = self.encoder1(self.x_embedder(x), c1)
         h2 = self.encoder2(self.down1(h1), c2)

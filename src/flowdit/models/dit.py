@@ -22,7 +22,7 @@ from torch.utils.checkpoint import checkpoint
 
 from ..core.hooks import StepContext, block_hooks, output_hooks
 from .attention import Attention, AttentionProcessor
-from .layers import (LabelEmbedder, Mlp, PatchEmbed, TimestepEmbedder, modulate, sincos_pos_embed_2d,
+from .layers import (LabelEmbedder, Mlp, PatchEmbed, TimestepEmbedder, batch_conditions, modulate, sincos_pos_embed_2d,
                      xavier_linears_and_patches)
 
 
@@ -235,12 +235,7 @@ class DiT(nn.Module):
         """Tokens ``[B, N, D]`` and the activated conditioning ``SiLU(c) [B, D]``."""
         if x.ndim != 4 or x.shape[1] != self.in_channels:
             raise ValueError(f"expected x of shape [B, {self.in_channels}, H, W], got {tuple(x.shape)}")
-        B = x.shape[0]
-        t = torch.as_tensor(t, device=x.device, dtype=torch.float32)
-        if t.ndim == 0:
-            t = t.expand(B)
-        if y is None:
-            y = torch.full((B,), self.null_class, device=x.device, dtype=torch.long)
+        t, y = batch_conditions(x, t, y, self.null_class)
         tokens = self.x_embedder(x) + self.pos_embed.to(x.dtype)
         c = self.t_embedder(t) + self.y_embedder(y)
         return tokens, F.silu(c)

@@ -9,6 +9,8 @@ from __future__ import annotations
 import math
 
 import numpy as np
+from typing import Optional
+
 import torch
 from torch import nn
 
@@ -39,6 +41,19 @@ def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -
     if dim % 2:
         emb = torch.cat([emb, torch.zeros_like(emb[:, :1])], dim=-1)
     return emb
+
+
+def batch_conditions(x: torch.Tensor, t, y: Optional[torch.Tensor], null_class: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A model call's times and labels as ``[B]`` tensors on ``x``'s device: a scalar ``t``
+    broadcast to the batch of ``x [B, ...]``, ``t`` in float32, and ``y = None`` replaced by
+    the null class (unconditional)."""
+    B = x.shape[0]
+    t = torch.as_tensor(t, device=x.device, dtype=torch.float32)
+    if t.ndim == 0:
+        t = t.expand(B)
+    if y is None:
+        y = torch.full((B,), null_class, device=x.device, dtype=torch.long)
+    return t, y
 
 
 class TimestepEmbedder(nn.Module):
