@@ -84,6 +84,8 @@ def parse_args(argv=None):
     p.add_argument("--phases", default="train,score,time", help="any of train, score, time, report (always)")
     p.add_argument("--timing-steps", type=int, default=20)
     p.add_argument("--timing-repeats", type=int, default=3)
+    p.add_argument("--descending", action="store_true",
+                   help="score the newest checkpoints first (a second scoring process then meets the first halfway)")
     p.add_argument("--no-write", action="store_true", help="print the table only")
     args = p.parse_args(argv)
     defined = {name: shlex.split(ov) for name, ov in args.define}
@@ -168,7 +170,7 @@ def score_phase(args, methods: dict, seeds: list[int]) -> dict:
     for m in methods:
         for seed in seeds:
             run = Path(args.runs) / f"{m}-s{seed}"
-            for step, ckpt in checkpoints(run).items():
+            for step, ckpt in sorted(checkpoints(run).items(), reverse=args.descending):
                 if step % args.every or step > args.steps:
                     continue
                 key = f"{m}/seed{seed}/step{step}/{tensors_checksum(ckpt)}"
