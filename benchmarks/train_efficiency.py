@@ -238,15 +238,33 @@ def report(args, methods: dict, seeds: list[int], scores: dict, timing: dict) ->
         return statistics.mean(vals) if len(vals) == len(seeds) else None
 
     target = mean_fid(base, args.steps)
+
+    def crossing(m, level):
+        """The step at which FID first reaches ``level``, interpolated linearly in log FID
+        between the two scored checkpoints around it (None if never reached)."""
+        import math
+
+        prev = None
+        for s in steps:
+            f = mean_fid(m, s)
+            if f is None or level is None:
+                return None
+            if f <= level:
+                if prev is None:
+                    return float(s)
+                s0, f0 = prev
+                return s0 + (s - s0) * (math.log(f0) - math.log(level)) / (math.log(f0) - math.log(f))
+            prev = (s, f)
+        return None
     rows, payload_rows = [], []
-    shown = [s for s in (args.every, 2 * args.every, args.steps // 2, args.steps) if s in steps]
-    shown = sorted(set(shown))
+    shown = sorted(set(steps[1::2]) | set(steps[-2:]))
     for m in names:
         t = timing.get(m)
         ratio = None if not t or not timing.get(base) else t["step_s"] / timing[base]["step_s"]
         reach = next((s for s in steps if mean_fid(m, s) is not None and target is not None and mean_fid(m, s) <= target),
                      None)
-        secs = None if reach is None or not t else t["setup_s"] + reach * t["step_s"]
+        cross = crossing(m, target)
+        secs = None if cross is None or not t else t["setup_s"] + cross * t["step_s"]
         base_secs = None if not timing.get(base) else timing[base]["setup_s"] + args.steps * timing[base]["step_s"]
         fids = [mean_fid(m, s) for s in shown]
         cells = " | ".join("-" if f is None else f"{f:.2f}" for f in fids)
@@ -254,13 +272,15 @@ def report(args, methods: dict, seeds: list[int], scores: dict, timing: dict) ->
         rows.append(
             f"| {m} | {'-' if ratio is None else f'{ratio:.2f}x'} | {'-' if not t else format(t['setup_s'], '.1f')} | {cells} "
             f"| {'-' if acc is None else f'{100 * acc:.1f}'} | {'not reached' if reach is None else reach} "
-            f"| {'-' if reach is None else f'{reach / args.steps:.2f}'} "
+            f"| {'-' if cross is None else f'{cross:.0f} ({cross / args.steps:.2f})'} "
             f"| {'-' if secs is None or base_secs is None else f'{secs / base_secs:.2f}'} |")
         payload_rows.append({"method": m, "overrides": methods[m], "step_time_ratio": ratio, "timing": t,
                              "fid": {s: mean_fid(m, s) for s in steps}, "class_accuracy": {s: mean_acc(m, s) for s in steps},
-                             "steps_to_baseline_fid": reach, "seconds_to_baseline_fid": secs})
+                             "steps_to_baseline_fid": reach, "steps_to_baseline_fid_interpolated": cross,
+                             "seconds_to_baseline_fid": secs})
     header = ("| method | time / step vs " + base + " | setup s | " + " | ".join(f"FID @{s}" for s in shown)
-              + f" | acc % @{args.steps} | steps to {base}'s final FID | fraction of steps | fraction of wall-clock |")
+              + f" | acc % @{args.steps} | first scored step at {base}'s final FID | interpolated step (fraction) "
+              "| fraction of wall-clock |")
     table = markdown_table(header, rows)
     payload = {"methods": payload_rows, "seeds": seeds, "steps": args.steps, "every": args.every, "num": args.num,
                "solver": args.solver, "sample_steps": args.sample_steps, "cfg": args.cfg, "config": args.config,

@@ -419,6 +419,16 @@ class DDT(nn.Module):
 
         if policy is None:
             return compute()
+        if getattr(policy, "name", None) == "none":
+            # The benchmarks' uncached reference (accel.base.FullCompute): every call runs
+            # both stacks, counted as a full call.
+            st, n = policy.stats, patches.shape[1]
+            st.calls += 1
+            st.full_calls += 1
+            st.block_evals += 1.0
+            st.flops += patches.shape[0] * (self.encoder_depth * self.encoder_block_flops(n)
+                                            + (self.config.depth - self.encoder_depth) * self.decoder_block_flops(n))
+            return compute()
         share: Optional[Callable] = getattr(policy, "encoder_state", None)
         if not callable(share):
             raise ConfigError(f"--accel {policy!r} runs a DiT's block stack; a DDT's blocks are a condition "
