@@ -163,8 +163,9 @@ def run(args: argparse.Namespace) -> Path:
     argv = sys.argv[3:] if sys.argv[1:3] == ["bench", "accel"] else sys.argv[1:]
     cmd = "flowdit bench accel " + shlex.join(argv)
     mc = meta["model_config"]
+    depth = mc.get("depth", mc.get("encoder_depth", 0) + mc.get("decoder_depth", 0))  # a DDT counts both stacks
     lines = [
-        f"Model: `{args.run}` (width {mc['hidden_size']}, depth {mc['depth']}, patch {mc['patch_size']}); "
+        f"Model: `{args.run}` (width {mc['hidden_size']}, depth {depth}, patch {mc['patch_size']}); "
         f"{args.solver}, {args.steps} steps, CFG {args.cfg:g}, {args.precision}; {args.num} samples "
         f"per seed, seeds {args.seeds}; "
         f"FID on the evaluator's features against the {dataset} training set; PSNR/SSIM against the uncached "
