@@ -38,7 +38,7 @@ from torch import Tensor, nn
 from ...core.path import interpolate
 from ...errors import ConfigError, FlowditError
 from ...utils.precision import autocast
-from ..sections import key
+from ..sections import absolute_path, key
 from .base import Extras, StepDraws, TrainingObjective, Velocity
 from .features import check_blocks, tapped_velocity
 
@@ -56,6 +56,14 @@ class RepaSection:
                                      "the paper's 8 of 28)")
     projector_dim: Optional[int] = key(None, "hidden width of the 3-layer projector (null: 2048 D / 1152 rounded to "
                                              "a multiple of 64, the paper's 2048 at SiT-XL's width)")
+
+    def resolved(self) -> "RepaSection":
+        """A copy with an encoder directory made absolute against the working directory."""
+        import dataclasses
+
+        if self.encoder.strip() in ("guide", "evaluator"):
+            return self
+        return dataclasses.replace(self, encoder=absolute_path(self.encoder))
 
     def validate(self) -> None:
         if self.weight < 0:
