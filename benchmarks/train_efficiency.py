@@ -2,7 +2,7 @@
 
 Every method trains from the same recipe (``--config``) with the same seed, data order,
 batch and number of steps; only its overrides differ (``--methods``, presets below, or
-``--define NAME "key=value key=value"``). Three phases, each resumable (a killed session
+``--define NAME "key=value key=value"``). Three phases, each resumable (a killed run
 loses at most the step since the last checkpoint or the cell being scored):
 
 1. **train**: ``flowdit train`` per method and seed in ``<runs>/<method>-s<seed>``,
