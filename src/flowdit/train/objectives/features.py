@@ -18,7 +18,7 @@ from torch import Tensor
 from ...core.hooks import Hook, StepContext
 from ...errors import ConfigError
 
-__all__ = ["BlockTap", "check_blocks", "tapped_velocity", "block_outputs"]
+__all__ = ["BlockTap", "check_blocks", "scaled_block", "inner_velocity_objective", "tapped_velocity", "block_outputs"]
 
 
 class _Enough(Exception):
@@ -62,6 +62,26 @@ def check_blocks(model: torch.nn.Module, blocks: dict[str, int]) -> None:
     for key, n in blocks.items():
         if not 1 <= n <= len(stack):
             raise ConfigError(f"{key} must be between 1 and the model's depth {len(stack)}, got {n}")
+
+
+def scaled_block(block: int, reference_depth: int, depth: int) -> int:
+    """A paper's block number ``block`` of ``reference_depth`` moved to a model of ``depth``
+    blocks: ``max(1, round(block * depth / reference_depth))`` (REPA's 8 of 28 is 2 of 6)."""
+    return max(1, round(block * depth / reference_depth))
+
+
+def inner_velocity_objective(outer, cfg, dataset, device, amp_dtype):
+    """The objective an alignment objective ``outer`` wraps: the one the other settings
+    choose without it (:func:`flowdit.train.objectives.select_objective`), refused unless it
+    is a plain velocity loss (one model call, :meth:`TrainingObjective.velocity_loss`)."""
+    from .base import TrainingObjective
+    from .registry import select_objective
+
+    inner = select_objective(cfg, exclude=(type(outer),))(cfg, dataset, device, amp_dtype)
+    if type(inner).loss is not TrainingObjective.loss:
+        raise ConfigError(f"flow.objective={outer.name}: the other settings choose {inner.name}, which makes its own "
+                          f"model calls; {outer.name} wraps flow matching only")
+    return inner
 
 
 def tapped_velocity(velocity, model: torch.nn.Module, x: Tensor, t: Tensor, y: Tensor,

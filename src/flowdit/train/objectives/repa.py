@@ -40,7 +40,7 @@ from ...errors import ConfigError, FlowditError
 from ...utils.precision import autocast
 from ..sections import absolute_path, key
 from .base import Extras, StepDraws, TrainingObjective, Velocity
-from .features import check_blocks, tapped_velocity
+from .features import check_blocks, inner_velocity_objective, scaled_block, tapped_velocity
 
 __all__ = ["RepaSection", "REPA", "build_projector", "repa_alignment_loss", "load_representation_encoder"]
 
@@ -75,6 +75,10 @@ class RepaSection:
         if self.encoder.strip().lower() == "evaluator":
             raise ConfigError("repa.encoder: the evaluator scores the results and is never trained against; "
                               "use guide or a flowdit encoder train directory")
+        from pathlib import Path
+
+        if self.encoder.strip() != "guide" and not Path(self.encoder).expanduser().is_dir():
+            raise ConfigError(f"repa.encoder: {self.encoder!r} is neither 'guide' nor an existing encoder directory")
 
 
 def build_projector(hidden_size: int, projector_dim: int, z_dim: int) -> nn.Sequential:
@@ -135,12 +139,7 @@ class REPA(TrainingObjective):
 
     def __init__(self, cfg, dataset, device, amp_dtype):
         super().__init__(cfg, dataset, device, amp_dtype)
-        from .registry import select_objective
-
-        self.inner: TrainingObjective = select_objective(cfg, exclude=(type(self),))(cfg, dataset, device, amp_dtype)
-        if type(self.inner).loss is not TrainingObjective.loss:
-            raise ConfigError(f"flow.objective=repa: the other settings choose {self.inner.name}, which makes its own "
-                              "model calls; REPA wraps flow matching only")
+        self.inner: TrainingObjective = inner_velocity_objective(self, cfg, dataset, device, amp_dtype)
         self.encoder, self.encoder_label = load_representation_encoder(cfg.repa.encoder, dataset.name)
         self.terms: dict[str, Tensor] = {}
         self.projector: Optional[nn.Module] = None
@@ -160,7 +159,7 @@ class REPA(TrainingObjective):
         training image, pooled to the model's token grid."""
         depth = len(getattr(model, "blocks", ()))
         r = self.cfg.repa
-        self.block = r.block if r.block is not None else max(1, round(8 * depth / 28))
+        self.block = r.block if r.block is not None else scaled_block(8, 28, depth)
         check_blocks(model, {"repa.block": self.block})
         self.model = model
         D = model.config.hidden_size

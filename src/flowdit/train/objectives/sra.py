@@ -38,7 +38,7 @@ from ...errors import ConfigError
 from ...utils.precision import autocast
 from ..sections import key
 from .base import FIRST_OBJECTIVE_STREAM, Extras, StepDraws, TrainingObjective, Velocity
-from .features import block_outputs, check_blocks, tapped_velocity
+from .features import block_outputs, check_blocks, inner_velocity_objective, scaled_block, tapped_velocity
 
 __all__ = ["SraSection", "SRA", "SRA_STREAM", "build_sra_head", "sra_teacher_times", "sra_alignment_loss",
            "sra_weight"]
@@ -124,12 +124,7 @@ class SRA(TrainingObjective):
 
     def __init__(self, cfg, dataset, device, amp_dtype):
         super().__init__(cfg, dataset, device, amp_dtype)
-        from .registry import select_objective
-
-        self.inner: TrainingObjective = select_objective(cfg, exclude=(type(self),))(cfg, dataset, device, amp_dtype)
-        if type(self.inner).loss is not TrainingObjective.loss:
-            raise ConfigError(f"flow.objective=sra: the other settings choose {self.inner.name}, which makes its own "
-                              "model calls; SRA wraps flow matching only")
+        self.inner: TrainingObjective = inner_velocity_objective(self, cfg, dataset, device, amp_dtype)
         self.terms: dict[str, Tensor] = {}
         self.head: Optional[nn.Module] = None
         self.weight_now = cfg.sra.weight
@@ -138,8 +133,8 @@ class SRA(TrainingObjective):
         """Choose the two blocks and build the head; the EMA is the teacher."""
         depth = len(getattr(model, "blocks", ()))
         s = self.cfg.sra
-        self.student_block = s.student_block if s.student_block is not None else max(1, round(4 * depth / 12))
-        self.teacher_block = s.teacher_block if s.teacher_block is not None else max(1, round(8 * depth / 12))
+        self.student_block = s.student_block if s.student_block is not None else scaled_block(4, 12, depth)
+        self.teacher_block = s.teacher_block if s.teacher_block is not None else scaled_block(8, 12, depth)
         check_blocks(model, {"sra.student_block": self.student_block, "sra.teacher_block": self.teacher_block})
         self.model, self.teacher = model, ema
         D = model.config.hidden_size
